@@ -1,0 +1,189 @@
+"""Routing math for one group of tokens: pure functions, no parameters, no sharding.
+
+Shape legend: S tokens in the group, E experts, K experts per token, C capacity
+(slots per expert). Router logits are always float32.
+
+Semantics (the contract in DESIGN.md):
+  * probs = softmax(logits); an optional selection bias [E] shifts the scores used to
+    *pick* experts (loss-free balancing) but never the combine weights.
+  * K == 1: weight = probs[e] (Switch). K >= 2: weights renormalised over the chosen K
+    by default (GShard, Mixtral), before any dropping.
+  * Slots are handed out choice-major then token-major: every token's first choice
+    before any second choice. A choice whose slot is >= C is dropped (weight 0).
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class RoutingPlan(NamedTuple):
+  """Where each token's K choices go. All fields are [S, K].
+
+  expert: i32 expert index of the choice.
+  weight: f32 combine weight; 0 where the choice was dropped.
+  slot:   i32 position in that expert's queue (priority order). Kept choices have
+          slot < C; a dropped choice keeps its queue position (>= C).
+  kept:   bool, slot < C.
+  """
+  expert: jax.Array
+  weight: jax.Array
+  slot: jax.Array
+  kept: jax.Array
+
+
+def capacity(num_tokens: int, num_experts: int, k: int,
+             capacity_factor: float) -> int:
+  """Slots per expert per group: ceil(capacity_factor * k * S / E), at least 1."""
+  if num_experts < 1:
+    raise ValueError(f'num_experts={num_experts} must be >= 1.')
+  if not 1 <= k <= num_experts:
+    raise ValueError(f'k={k} must be between 1 and num_experts={num_experts}.')
+  if not capacity_factor > 0:
+    raise ValueError(f'capacity_factor={capacity_factor} must be > 0 '
+                     '(1.0 = exactly enough slots for a perfectly balanced router).')
+  return max(1, math.ceil(capacity_factor * k * num_tokens / num_experts))
+
+
+def queue_positions(expert: jax.Array, num_experts: int) -> jax.Array:
+  """Position of each choice in its expert's queue, in priority order.
+
+  expert: i32[S, K] -> i32[S, K]. Priority is choice-major (column k=0 for all
+  tokens, then k=1, ...), token-major within a choice.
+  """
+  s, k = expert.shape
+  onehot = jax.nn.one_hot(expert.T.reshape(k * s), num_experts, dtype=jnp.int32)  # [K*S, E]
+  # Exclusive running count per expert = how many earlier choices want the same expert.
+  before = jnp.cumsum(onehot, axis=0) - onehot
+  pos = jnp.sum(before * onehot, axis=-1)                                         # [K*S]
+  return pos.reshape(k, s).T
+
+
+def route_top_k(logits: jax.Array, k: int, capacity: int, *,
+                normalize_weights: bool | None = None,
+                bias: jax.Array | None = None) -> RoutingPlan:
+  """Token-choice top-k routing with capacity.
+
+  logits: f32[S, E]; bias: f32[E] added to probs for selection only.
+  normalize_weights defaults to k >= 2.
+  """
+  s, e = logits.shape
+  if not 1 <= k <= e:
+    raise ValueError(f'k={k} must be between 1 and the number of experts {e}.')
+  if normalize_weights is None:
+    normalize_weights = k >= 2
+  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)          # [S, E]
+  scores = probs if bias is None else probs + bias.astype(jnp.float32)
+  _, expert = jax.lax.top_k(jax.lax.stop_gradient(scores), k)          # [S, K]
+  weight = jnp.take_along_axis(probs, expert, axis=-1)                 # [S, K]
+  if normalize_weights:
+    weight = weight / jnp.sum(weight, axis=-1, keepdims=True)
+  slot = queue_positions(expert, e)
+  kept = slot < capacity
+  return RoutingPlan(expert=expert.astype(jnp.int32),
+                     weight=jnp.where(kept, weight, 0.0),
+                     slot=slot.astype(jnp.int32), kept=kept)
+
+
+def route_expert_choice(logits: jax.Array, capacity: int, *, causal: bool,
+                        allow_lookahead: bool = False) -> RoutingPlan:
+  """Expert choice (Zhou et al. 2022): each expert takes its top-C tokens.
+
+  Expressed as a RoutingPlan with K = E (choice j of a token is expert j), so every
+  dispatch backend serves it. Expert choice ranks a token against the whole group,
+  including later positions, so it leaks the future in a causal LM: refused there
+  unless allow_lookahead=True.
+  """
+  check_expert_choice(causal, allow_lookahead)
+  s, e = logits.shape
+  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)          # [S, E]
+  # rank[s, e] = position of token s in expert e's order by descending probability.
+  order = jnp.argsort(-jax.lax.stop_gradient(probs), axis=0, stable=True)  # [S, E]
+  rank = jnp.argsort(order, axis=0).astype(jnp.int32)                  # inverse perm
+  kept = rank < capacity
+  expert = jnp.broadcast_to(jnp.arange(e, dtype=jnp.int32), (s, e))
+  return RoutingPlan(expert=expert, weight=jnp.where(kept, probs, 0.0), slot=rank,
+                     kept=kept)
+
+
+def check_expert_choice(causal: bool, allow_lookahead: bool) -> None:
+  if causal and not allow_lookahead:
+    raise ValueError(
+        'Expert-choice routing ranks every token of the group, so in a causal model a '
+        "token's output depends on later tokens. Use routing='top_k', or pass "
+        'allow_lookahead=True if you accept the leak.')
+
+
+# ----------------------------------------------------------------- losses and metrics
+
+def load_balance_loss(probs: jax.Array, expert: jax.Array) -> jax.Array:
+  """Switch load-balance loss E * sum_e f_e * P_e; 1.0 when perfectly balanced.
+
+  probs f32[S, E]; expert i32[S, K] (only the first choice, column 0, counts for f).
+  """
+  counts, prob_sum, n = balance_stats(probs, expert)
+  return balance_loss_from_stats(counts, prob_sum, n)
+
+
+def balance_stats(probs: jax.Array, expert: jax.Array):
+  """Additive statistics behind the balance loss, so shards can psum them.
+
+  Returns (first-choice counts f32[E], summed probs f32[E], token count f32[]).
+  """
+  e = probs.shape[-1]
+  counts = jnp.sum(jax.nn.one_hot(expert[..., 0], e, dtype=jnp.float32),
+                   axis=tuple(range(expert.ndim - 1)))
+  prob_sum = jnp.sum(probs.astype(jnp.float32), axis=tuple(range(probs.ndim - 1)))
+  n = jnp.asarray(math.prod(probs.shape[:-1]), jnp.float32)
+  return counts, prob_sum, n
+
+
+def balance_loss_from_stats(counts, prob_sum, n):
+  e = counts.shape[-1]
+  return e * jnp.sum((counts / n) * (prob_sum / n))
+
+
+def router_z_loss(logits: jax.Array) -> jax.Array:
+  """ST-MoE z-loss: mean over tokens of logsumexp(logits)^2. logits f32[..., E]."""
+  z = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
+  return jnp.mean(z ** 2)
+
+
+def router_entropy(probs: jax.Array) -> jax.Array:
+  """Mean entropy (nats) of the router distribution; log(E) is uniform."""
+  return jnp.mean(-jnp.sum(probs * jnp.log(jnp.clip(probs, 1e-30)), axis=-1))
+
+
+def expert_load(expert: jax.Array, num_experts: int,
+                kept: jax.Array | None = None) -> jax.Array:
+  """Fraction of choices routed to each expert, f32[E] summing to 1.
+
+  With kept given, only kept choices count (and the fractions are of kept choices).
+  """
+  w = jnp.ones(expert.shape, jnp.float32) if kept is None else kept.astype(jnp.float32)
+  counts = jnp.sum(jax.nn.one_hot(expert, num_experts, dtype=jnp.float32) * w[..., None],
+                   axis=tuple(range(expert.ndim)))
+  return counts / jnp.maximum(jnp.sum(counts), 1.0)
+
+
+def max_violation(load: jax.Array) -> jax.Array:
+  """MaxVio = max_load / mean_load - 1 (0 when perfectly balanced). load f32[E]."""
+  return jnp.max(load) / jnp.mean(load) - 1.0
+
+
+def dropped_fraction(kept: jax.Array) -> jax.Array:
+  """Fraction of token choices that found no slot."""
+  return 1.0 - jnp.mean(kept.astype(jnp.float32))
+
+
+def update_balance_bias(bias: jax.Array, load: jax.Array, rate: float) -> jax.Array:
+  """Loss-free balancing step: bias += rate * sign(mean_load - load).
+
+  Under-loaded experts get a larger selection bias, over-loaded a smaller one.
+  bias f32[E], load [E] (counts or fractions, any scale).
+  """
+  load = load.astype(jnp.float32)
+  return bias + rate * jnp.sign(jnp.mean(load) - load)

@@ -1,0 +1,123 @@
+"""Device meshes and placement: axes 'data', 'expert' and 'model'.
+
+Tokens are sharded over ('data', 'expert') jointly along the batch axis; expert weights
+over 'expert' on their leading axis; 'model' is for tensor parallelism.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+AXES = ('data', 'expert', 'model')
+TOKEN_AXES = ('data', 'expert')
+
+
+def make_mesh(data: int = -1, expert: int = 1, model: int = 1, *,
+              devices: Sequence[jax.Device] | None = None,
+              axis_types: str = 'auto') -> Mesh:
+  """Mesh with axes ('data', 'expert', 'model'); one size may be -1 ("the rest").
+
+  axis_types: 'auto' (GSPMD propagates shardings; our default) or 'explicit'
+  (jax's sharding-in-types). Raises ValueError when the sizes do not fit the devices.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = {'data': data, 'expert': expert, 'model': model}
+  free = [a for a, v in sizes.items() if v == -1]
+  bad = [f'{a}={v}' for a, v in sizes.items() if v != -1 and v < 1]
+  if bad or len(free) > 1:
+    raise ValueError(f'Mesh sizes must be positive with at most one -1; got {sizes}.')
+  fixed = math.prod(v for v in sizes.values() if v != -1)
+  if free:
+    if len(devices) % fixed:
+      raise ValueError(f'Mesh sizes {sizes}: the fixed axes multiply to {fixed}, which '
+                       f'does not divide the {len(devices)} devices.')
+    sizes[free[0]] = len(devices) // fixed
+  total = math.prod(sizes.values())
+  if total != len(devices):
+    raise ValueError(f'Mesh sizes {sizes} multiply to {total} but there are '
+                     f'{len(devices)} devices; make them match or use -1 for one axis.')
+  if axis_types not in ('auto', 'explicit'):
+    raise ValueError(f"axis_types={axis_types!r}; use 'auto' or 'explicit'.")
+  kind = AxisType.Auto if axis_types == 'auto' else AxisType.Explicit
+  shape = tuple(sizes[a] for a in AXES)
+  return jax.make_mesh(shape, AXES, axis_types=(kind,) * len(AXES), devices=devices)
+
+
+def axis_size(mesh: Mesh | None, name: str) -> int:
+  """Size of a mesh axis; 1 when there is no mesh or no such axis."""
+  if mesh is None or name not in mesh.axis_names:
+    return 1
+  return mesh.shape[name]
+
+
+def token_axes(mesh: Mesh | None) -> tuple[str, ...]:
+  """Mesh axes the token batch is split over (those of 'data', 'expert' present)."""
+  if mesh is None:
+    return ()
+  return tuple(a for a in TOKEN_AXES if a in mesh.axis_names)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Batch axis over ('data', 'expert'); every other axis replicated."""
+  return NamedSharding(mesh, P(token_axes(mesh) or None))
+
+
+def reshard(x: jax.Array | None, mesh: Mesh, spec: P) -> jax.Array | None:
+  """Give x the sharding `spec` on `mesh`, for meshes of either axis type.
+
+  Explicit axes carry shardings in types, so they need jax.sharding.reshard; Auto axes
+  take a sharding constraint (a device_put outside jit).
+  """
+  if x is None:
+    return None
+  sharding = NamedSharding(mesh, spec)
+  if any(t == AxisType.Explicit for t in mesh.axis_types):
+    return jax.sharding.reshard(x, sharding)
+  return jax.lax.with_sharding_constraint(x, sharding)
+
+
+def put_batch(batch: Any, mesh: Mesh) -> Any:
+  """Place a pytree of host arrays [B, ...] on the mesh, batch axis sharded.
+
+  With several processes each passes its own slice of the global batch.
+  """
+  sharding = batch_sharding(mesh)
+  if jax.process_count() > 1:
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
+  return jax.device_put(batch, sharding)
+
+
+def spec_for(mesh: Mesh, names: Sequence[str | None] | None) -> P:
+  """Partition names from parameter metadata -> a spec valid on this mesh."""
+  if not names:
+    return P()
+  return P(*(n if n in mesh.axis_names else None for n in names))
+
+
+def put_params(module: nnx.Module, mesh: Mesh) -> None:
+  """Move a module's variables onto the mesh, following their 'sharding' metadata."""
+  state = nnx.state(module)
+  specs = nnx.get_partition_spec(state)
+  placed = jax.tree.map(
+      lambda v, s: jax.device_put(v, NamedSharding(mesh, spec_for(mesh, tuple(s)))),
+      state, specs)
+  nnx.update(module, placed)
+
+
+def initialize_distributed(coordinator_address: str | None = None,
+                           num_processes: int | None = None,
+                           process_id: int | None = None) -> None:
+  """jax.distributed.initialize, with gloo collectives when the platform is CPU.
+
+  Arguments left as None are auto-detected on TPU/GPU clusters (SLURM, GKE, ...).
+  """
+  # Only the CPU client reads this; without it CPU processes cannot run collectives.
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  jax.distributed.initialize(coordinator_address=coordinator_address,
+                             num_processes=num_processes, process_id=process_id)
