@@ -40,7 +40,7 @@ def _param(key, shape, init_scale, dtype, names, mesh, fan_in_axis=-2):
   value = init(key, shape, dtype)
   if mesh is not None:
     value = jax.device_put(value, NamedSharding(mesh, spec_for(mesh, names)))
-  return nnx.Param(value, sharding=names, eager_sharding=False)
+  return nnx.Param(value, out_sharding=names, eager_sharding=False)
 
 
 class RouterBias(nnx.Variable):
@@ -67,7 +67,7 @@ class Router(nnx.Module):
     if train and self.jitter > 0:
       x = x * jax.random.uniform(self.rngs.jitter(), x.shape, jnp.float32,
                                  1.0 - self.jitter, 1.0 + self.jitter)
-    return jnp.einsum('...d,de->...e', x, self.kernel.value)
+    return jnp.einsum('...d,de->...e', x, self.kernel[...])
 
 
 def ffn(w: dict[str, jax.Array], x: jax.Array, activation: str) -> jax.Array:
@@ -110,11 +110,17 @@ class Experts(nnx.Module):
   def weights(self) -> dict[str, jax.Array]:
     """Arrays with a leading expert axis [E, ...]; the input of apply()."""
     names = ('wi', 'wi_gate', 'wo') if self.activation == 'swiglu' else ('wi', 'wo')
-    return {n: getattr(self, n).value for n in names}
+    return {n: getattr(self, n)[...] for n in names}
 
   def apply(self, w: dict[str, jax.Array], x: jax.Array) -> jax.Array:
-    """x [E, N, D] -> [E, N, D]: a batched matmul, expert e on row block e."""
-    return jax.vmap(functools.partial(ffn, activation=self.activation))(w, x)
+    """x [E, N, D] -> [E, N, D], expert e on row block e."""
+    f = functools.partial(ffn, activation=self.activation)
+    if jax.default_backend() == 'cpu':
+      # XLA:CPU runs E plain matmuls faster than one batched matmul (~5% of the layer,
+      # experiments/bench_moe_layer.py); accelerators prefer the batched form.
+      return jnp.stack([f(jax.tree.map(lambda a, i=i: a[i], w), x[i])
+                        for i in range(x.shape[0])])
+    return jax.vmap(f)(w, x)
 
   def ragged_apply(self, w: dict[str, jax.Array], x: jax.Array,
                    group_sizes: jax.Array) -> jax.Array:
@@ -142,7 +148,7 @@ class DenseFFN(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     names = ('wi', 'wi_gate', 'wo') if self.activation == 'swiglu' else ('wi', 'wo')
-    w = {n: getattr(self, n).value for n in names}
+    w = {n: getattr(self, n)[...] for n in names}
     return ffn(w, x.reshape(-1, x.shape[-1]), self.activation).reshape(x.shape)
 
 
@@ -195,15 +201,15 @@ def _routed(x, logits, weights, bias, *, plan: _Plan):
                               functools.partial(plan.ragged_apply, weights))
   else:
     if plan.dispatch == 'index':
-      send, ctx = jax.vmap(dispatch_lib.index_dispatch, (0, 0, None, None))(xg, rp, e, c)
+      send, ctx = dispatch_lib.index_dispatch(xg, rp, e, c)             # [E, G*C, D]
     else:
       send, ctx = jax.vmap(dispatch_lib.einsum_dispatch, (0, 0, None, None))(xg, rp, e, c)
-    recv = _exchange(send, plan.ep, forward=True)                       # [E/P, P*G*C, D]
-    out = plan.apply(weights, recv)
-    out = _exchange(out, plan.ep, forward=False, groups=g, capacity=c)  # [G, E, C, D]
+      send = send.transpose(1, 0, 2, 3).reshape(e, g * c, d)          # [G,E,C,D] -> [E,GC,D]
+    out = _exchange(plan.apply(weights, _exchange(send, plan.ep)), plan.ep, back=True)
     if plan.dispatch == 'index':
-      y = jax.vmap(dispatch_lib.index_combine)(out, rp, ctx)
+      y = dispatch_lib.index_combine(out, rp, ctx)                      # [G, S, D]
     else:
+      out = out.reshape(e, g, c, d).transpose(1, 0, 2, 3)
       y = jax.vmap(dispatch_lib.einsum_combine)(out, ctx)
 
   probs = jax.nn.softmax(lg, axis=-1)
@@ -218,24 +224,22 @@ def _routed(x, logits, weights, bias, *, plan: _Plan):
   return y.reshape(b, l, d).astype(x.dtype), stats
 
 
-def _exchange(buf, ep, *, forward, groups=None, capacity=None):
-  """Move slot buffers between token owners and expert owners.
+def _exchange(buf, ep, *, back=False):
+  """Move slot buffers between the devices holding tokens and those holding experts.
 
-  forward:  [G, E, C, D] -> [E/P, P*G*C, D]  (rows for this device's experts)
-  backward: [E/P, P*G*C, D] -> [G, E, C, D]  (results back where the tokens live)
-  With P > 1 each direction is exactly one all_to_all over 'expert'.
+  forward: [E, N, D] slots of local tokens -> [E/P, P*N, D] rows for local experts.
+  back:    the inverse. With P > 1 each direction is exactly one all_to_all.
   """
-  if forward:
-    g, e, c, d = buf.shape
-    buf = buf.transpose(1, 0, 2, 3).reshape(ep, e // ep, g * c, d)      # [P, E/P, GC, D]
-    if ep > 1:   # chunk p goes to device p; received chunks stack by source device
-      buf = jax.lax.all_to_all(buf, 'expert', 0, 0)
-    return buf.transpose(1, 0, 2, 3).reshape(e // ep, ep * g * c, d)
-  el, _, d = buf.shape
-  buf = buf.reshape(el, ep, groups * capacity, d).transpose(1, 0, 2, 3)  # [P, E/P, GC, D]
-  if ep > 1:
-    buf = jax.lax.all_to_all(buf, 'expert', 0, 0)
-  return buf.reshape(ep * el, groups, capacity, d).transpose(1, 0, 2, 3)
+  if ep == 1:
+    return buf
+  if not back:
+    e, n, d = buf.shape
+    # Chunk p of [P, E/P, N, D] goes to device p; received chunks stack by source.
+    buf = jax.lax.all_to_all(buf.reshape(ep, e // ep, n, d), 'expert', 0, 0)
+    return buf.transpose(1, 0, 2, 3).reshape(e // ep, ep * n, d)
+  el, pn, d = buf.shape
+  buf = buf.reshape(el, ep, pn // ep, d).transpose(1, 0, 2, 3)         # [P, E/P, N, D]
+  return jax.lax.all_to_all(buf, 'expert', 0, 0).reshape(ep * el, pn // ep, d)
 
 
 class MoE(nnx.Module):
@@ -308,7 +312,7 @@ class MoE(nnx.Module):
                                apply=self.experts.apply,
                                ragged_apply=self.experts.ragged_apply)
     logits = self.router(x, train=train)                                # f32[B, L, E]
-    bias = self.router.bias.value if self.balancing == 'loss_free' else None
+    bias = self.router.bias[...] if self.balancing == 'loss_free' else None
     body = functools.partial(_routed, plan=plan)
     weights = self.experts.weights()
     args = (x, logits, weights, bias)
@@ -322,8 +326,8 @@ class MoE(nnx.Module):
     y, stats = body(*args)
     aux = _aux(stats, logits, plan)
     if train and self.balancing == 'loss_free':
-      self.router.bias.value = routing_lib.update_balance_bias(
-          self.router.bias.value, stats['demand'], self.bias_rate)
+      self.router.bias[...] = routing_lib.update_balance_bias(
+          self.router.bias[...], stats['demand'], self.bias_rate)
     if self.shared is not None:
       y = y + self.shared(x)
     return y, aux

@@ -1,0 +1,226 @@
+"""MoE layer: expert-parallel runs against the single-device reference (outputs and
+gradients), the compiled communication, the API's mesh variants and its errors."""
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+import sparse_jax as sj
+
+B, L, D, F, E = 8, 8, 16, 32, 8
+MESHES = [(1, 8), (2, 4), (4, 2), (8, 1)]
+
+
+def _mesh(shape, kind=AxisType.Auto):
+  return jax.make_mesh(shape, ('data', 'expert'), axis_types=(kind, kind))
+
+
+def _inputs(seed=0):
+  kx, kc = jax.random.split(jax.random.key(seed))
+  return jax.random.normal(kx, (B, L, D)), jax.random.normal(kc, (B, L, D))
+
+
+def _loss(layer, x, ct):
+  y, aux = layer(x, train=True)
+  # Aux losses are in the objective so their (global) statistics are checked too.
+  return jnp.sum(y * ct) + 0.5 * aux['load_balance_loss'] + 0.1 * aux['router_z_loss']
+
+
+def _run(layer, x, ct):
+  @nnx.jit
+  def step(layer, x, ct):
+    (loss, (g_layer, g_x)) = nnx.value_and_grad(_loss, argnums=(0, 1))(layer, x, ct)
+    y, aux = layer(x)
+    return y, aux, loss, g_layer, g_x
+  return jax.device_get(step(layer, x, ct))
+
+
+def _copy_params(src, dst):
+  nnx.update(dst, jax.device_get(nnx.state(src)))
+
+
+@pytest.mark.parametrize('shape', MESHES)
+@pytest.mark.parametrize('k,cf', [(1, 1.0), (1, 8.0), (2, 1.0), (2, 8.0)])
+def test_expert_parallel_matches_single_device(shape, k, cf):
+  mesh = _mesh(shape)
+  shards = shape[0] * shape[1]
+  kw = dict(k=k, capacity_factor=cf, rngs=nnx.Rngs(3))
+  # The reference routes the same groups: the tokens each device holds.
+  ref = sj.moe.MoE(D, F, E, group_size=B * L // shards, **kw)
+  ep = sj.moe.MoE(D, F, E, mesh=mesh, **kw)
+  _copy_params(ref, ep)
+  x, ct = _inputs()
+  y0, aux0, loss0, g0, gx0 = _run(ref, x, ct)
+  y1, aux1, loss1, g1, gx1 = _run(ep, x, ct)
+  if cf == 1.0:
+    assert aux0['dropped_fraction'] > 0      # the drop path is really exercised
+  else:
+    assert aux0['dropped_fraction'] == 0
+  np.testing.assert_allclose(y1, y0, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(loss1, loss0, rtol=1e-5)
+  for name in aux0:
+    np.testing.assert_allclose(aux1[name], aux0[name], atol=1e-6, rtol=1e-5, err_msg=name)
+  np.testing.assert_allclose(gx1, gx0, atol=1e-5, rtol=1e-5)
+  flat0, flat1 = nnx.to_flat_state(g0), dict(nnx.to_flat_state(g1))
+  assert len(flat0) == len(flat1) >= 3
+  for path, v in flat0:
+    np.testing.assert_allclose(flat1[path][...], v[...], atol=1e-5, rtol=1e-4,
+                               err_msg=str(path))
+
+
+def _hlo(mesh, dispatch='index'):
+  layer = sj.moe.MoE(D, F, E, mesh=mesh, dispatch=dispatch)
+  x = jax.device_put(_inputs()[0], NamedSharding(mesh, P(('data', 'expert'))))
+  graphdef, state = nnx.split(layer)
+  fwd = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)[0])
+  return fwd.lower(state, x).compile().as_text()
+
+
+@pytest.mark.parametrize('shape', [(2, 4), (1, 8)])
+def test_forward_has_two_all_to_alls_and_no_weight_gather(shape):
+  text = _hlo(_mesh(shape))
+  assert len(re.findall(r' all-to-all(?:-start)?\(', text)) == 2
+  assert not re.findall(r' all-gather(?:-start)?\(', text)
+
+
+def test_expert_axis_one_has_no_all_to_all():
+  text = _hlo(_mesh((8, 1)))
+  assert not re.findall(r' all-to-all(?:-start)?\(', text)
+
+
+@pytest.mark.parametrize('kind', [AxisType.Auto, AxisType.Explicit])
+@pytest.mark.parametrize('use_set_mesh', [False, True])
+@pytest.mark.parametrize('placed', [False, True])
+def test_mesh_variants(kind, use_set_mesh, placed):
+  """Either axis type, with or without jax.set_mesh, inputs placed or not, under jit
+  (and once eagerly: op-by-op shard_map is slow, so only one combination)."""
+  mesh = _mesh((2, 4), kind)
+  ref = sj.moe.MoE(D, F, E, k=2, group_size=B * L // 8)
+  x, _ = _inputs()
+  y0, _ = ref(x)
+  if placed:
+    x = jax.device_put(x, NamedSharding(mesh, P(('data', 'expert'))))
+
+  def run():
+    layer = sj.moe.MoE(D, F, E, k=2, mesh=mesh)
+    _copy_params(ref, layer)
+    jitted = nnx.jit(lambda m, x: m(x)[0])(layer, x)
+    eager = kind == AxisType.Auto and not use_set_mesh and not placed
+    return (jitted, layer(x)[0]) if eager else (jitted,)
+
+  if use_set_mesh:
+    with jax.set_mesh(mesh):
+      outs = run()
+  else:
+    outs = run()
+  for y in outs:
+    np.testing.assert_allclose(jax.device_get(y), y0, atol=1e-5)
+
+
+def test_expert_weights_are_sharded_over_expert_axis():
+  mesh = _mesh((2, 4))
+  layer = sj.moe.MoE(D, F, E, mesh=mesh)
+  assert layer.experts.wi[...].sharding.spec == P('expert', None, None)
+  assert layer.experts.wi[...].addressable_shards[0].data.shape == (E // 4, D, F)
+
+
+@pytest.mark.parametrize('activation', ['relu', 'swiglu'])
+def test_activation_and_shared_expert_under_expert_parallelism(activation):
+  mesh = _mesh((2, 4))
+  kw = dict(activation=activation, shared_d_ff=8, rngs=nnx.Rngs(1))
+  ref = sj.moe.MoE(D, F, E, group_size=B * L // 8, **kw)
+  ep = sj.moe.MoE(D, F, E, mesh=mesh, **kw)
+  _copy_params(ref, ep)
+  x, ct = _inputs(1)
+  y0, _, _, g0, _ = _run(ref, x, ct)
+  y1, _, _, g1, _ = _run(ep, x, ct)
+  np.testing.assert_allclose(y1, y0, atol=1e-5)
+  if activation == 'swiglu':
+    assert ref.experts.wi_gate[...].shape == (E, D, F)
+  flat1 = dict(nnx.to_flat_state(g1))
+  for path, v in nnx.to_flat_state(g0):
+    np.testing.assert_allclose(flat1[path][...], v[...], atol=1e-5, rtol=1e-4)
+
+
+def test_expert_ffn_matches_contract_formula():
+  """Unlimited capacity, k=1: y = probs[e] * gelu(x @ wi[e]) @ wo[e] per token."""
+  layer = sj.moe.MoE(D, F, E, k=1, capacity_factor=float(E))
+  x, _ = _inputs(2)
+  y, _ = layer(x)
+  xt = np.asarray(x).reshape(-1, D)
+  logits = xt @ np.asarray(layer.router.kernel[...])
+  probs = np.asarray(jax.nn.softmax(logits))
+  wi, wo = np.asarray(layer.experts.wi[...]), np.asarray(layer.experts.wo[...])
+  want = np.stack([probs[t, e] * np.asarray(jax.nn.gelu(xt[t] @ wi[e])) @ wo[e]
+                   for t, e in enumerate(probs.argmax(-1))])
+  np.testing.assert_allclose(np.asarray(y).reshape(-1, D), want, atol=1e-5, rtol=1e-5)
+
+
+def test_loss_free_bias_moves_towards_balance_and_only_in_training():
+  layer = sj.moe.MoE(D, F, E, balancing='loss_free', bias_rate=0.01)
+  x, _ = _inputs()
+  _, aux = layer(x)                               # eval: bias untouched
+  assert np.all(layer.router.bias[...] == 0)
+  _, aux = layer(x, train=True)
+  load = np.asarray(aux['expert_load'])
+  bias = np.asarray(layer.router.bias[...])
+  np.testing.assert_allclose(bias, 0.01 * np.sign(load.mean() - load))
+  assert 'bias' not in dict(nnx.to_flat_state(nnx.state(layer, nnx.Param)))
+
+
+def test_router_jitter_only_in_training():
+  layer = sj.moe.MoE(D, F, E, router_jitter=0.1, rngs=nnx.Rngs(0))
+  x, _ = _inputs()
+  a, b = layer.router(x), layer.router(x)
+  np.testing.assert_array_equal(a, b)
+  assert not np.allclose(layer.router(x, train=True), a)
+
+
+def test_expert_choice_layer_and_causal_refusal():
+  with pytest.raises(ValueError, match='allow_lookahead'):
+    sj.moe.MoE(D, F, E, routing='expert_choice', causal=True)
+  layer = sj.moe.MoE(D, F, E, routing='expert_choice', capacity_factor=1.0)
+  y, aux = layer(_inputs()[0])
+  assert y.shape == (B, L, D)
+  np.testing.assert_allclose(aux['expert_load'], np.full(E, 1 / E), atol=1e-6)
+  layer = sj.moe.MoE(D, F, E, routing='expert_choice', causal=True, allow_lookahead=True)
+  assert layer(_inputs()[0])[0].shape == (B, L, D)
+
+
+@pytest.mark.parametrize('kwargs,words', [
+    (dict(num_experts=6, mesh=(2, 4)), ['6', '4']),
+    (dict(k=9), ['k=9', '8']),
+    (dict(capacity_factor=0.0), ['capacity_factor=0.0', '> 0']),
+    (dict(capacity_factor=-1), ['capacity_factor=-1']),
+    (dict(dispatch='scatter'), ["'scatter'", 'index', 'einsum', 'dropless']),
+    (dict(activation='tanh'), ["'tanh'", 'gelu']),
+    (dict(routing='hash'), ["'hash'", 'top_k']),
+    (dict(dispatch='dropless', mesh=(2, 4)), ['dropless', "'index'"]),
+])
+def test_constructor_errors_name_value_and_fix(kwargs, words):
+  kwargs = dict(kwargs)
+  if 'mesh' in kwargs:
+    kwargs['mesh'] = _mesh(kwargs['mesh'])
+  args = dict(d_model=D, d_ff=F, num_experts=kwargs.pop('num_experts', E))
+  with pytest.raises(ValueError) as err:
+    sj.moe.MoE(**args, **kwargs)
+  for w in words:
+    assert w in str(err.value), (w, str(err.value))
+
+
+def test_call_errors():
+  layer = sj.moe.MoE(D, F, E)
+  with pytest.raises(ValueError, match=r'\[B, L, D\].*\(64, 16\)'):
+    layer(jnp.zeros((64, D)))
+  with pytest.raises(ValueError, match='D=16'):
+    layer(jnp.zeros((2, 4, 8)))
+  ep = sj.moe.MoE(D, F, E, mesh=_mesh((2, 4)))
+  with pytest.raises(ValueError, match='Batch size 4 .* 8 token shards'):
+    ep(jnp.zeros((4, L, D)))
+  grouped = sj.moe.MoE(D, F, E, group_size=7)
+  with pytest.raises(ValueError, match='group_size=7'):
+    grouped(jnp.zeros((B, L, D)))
