@@ -30,7 +30,9 @@ def make_mesh(data: int = -1, expert: int = 1, model: int = 1, *,
   free = [a for a, v in sizes.items() if v == -1]
   bad = [f'{a}={v}' for a, v in sizes.items() if v != -1 and v < 1]
   if bad or len(free) > 1:
-    raise ValueError(f'Mesh sizes must be positive with at most one -1; got {sizes}.')
+    what = ', '.join(bad) if bad else f'{len(free)} axes set to -1'
+    raise ValueError(f'Mesh sizes must be positive, with at most one -1 ("the rest"); '
+                     f'got {what} in {sizes}.')
   fixed = math.prod(v for v in sizes.values() if v != -1)
   if free:
     if len(devices) % fixed:
