@@ -153,7 +153,7 @@ class DenseFFN(nnx.Module):
 
 
 @dataclasses.dataclass(frozen=True)
-class _Plan:
+class _Settings:
   """Static settings of the routed body (hashable, closed over by shard_map)."""
   num_experts: int
   k: int
@@ -169,44 +169,44 @@ class _Plan:
   ragged_apply: Callable = dataclasses.field(compare=False)
 
 
-def _routed(x, logits, weights, bias, *, plan: _Plan):
+def _routed(x, logits, weights, bias, *, cfg: _Settings):
   """The routed FFN on the tokens one device holds.
 
   x [B, L, D], logits f32[B, L, E], weights {name: [E/P, ...]}, bias f32[E].
   Returns y [B, L, D] and additive routing statistics summed over all devices.
   """
   b, l, d = x.shape
-  e, k = plan.num_experts, plan.k
-  s = plan.group_size or b * l
+  e, k = cfg.num_experts, cfg.k
+  s = cfg.group_size or b * l
   if (b * l) % s:
     raise ValueError(f'group_size={s} must divide the {b * l} tokens each device holds '
                      f'(per-device batch {b} x length {l}).')
   g = b * l // s
   xg, lg = x.reshape(g, s, d), logits.reshape(g, s, e)                  # [G, S, *]
 
-  if plan.routing == 'expert_choice':
-    c = routing_lib.capacity(s, e, k, plan.capacity_factor)
+  if cfg.routing == 'expert_choice':
+    c = routing_lib.capacity(s, e, k, cfg.capacity_factor)
     route = functools.partial(routing_lib.route_expert_choice, capacity=c, causal=True,
-                              allow_lookahead=plan.allow_lookahead)
+                              allow_lookahead=cfg.allow_lookahead)
   else:
     # Dropless keeps every choice: no expert can be asked for more than S slots.
-    c = s if plan.dispatch == 'dropless' else routing_lib.capacity(s, e, k, plan.capacity_factor)
+    c = s if cfg.dispatch == 'dropless' else routing_lib.capacity(s, e, k, cfg.capacity_factor)
     route = functools.partial(routing_lib.route_top_k, k=k, capacity=c,
-                              normalize_weights=plan.normalize_weights, bias=bias)
+                              normalize_weights=cfg.normalize_weights, bias=bias)
   rp = jax.vmap(route)(lg)                                              # [G, S, K]
 
-  if plan.dispatch == 'dropless':
+  if cfg.dispatch == 'dropless':
     flat = routing_lib.RoutingPlan(*(f.reshape(g * s, -1) for f in rp))
     y = dispatch_lib.dropless(xg.reshape(g * s, d), flat, e,
-                              functools.partial(plan.ragged_apply, weights))
+                              functools.partial(cfg.ragged_apply, weights))
   else:
-    if plan.dispatch == 'index':
+    if cfg.dispatch == 'index':
       send, ctx = dispatch_lib.index_dispatch(xg, rp, e, c)             # [E, G*C, D]
     else:
       send, ctx = jax.vmap(dispatch_lib.einsum_dispatch, (0, 0, None, None))(xg, rp, e, c)
       send = send.transpose(1, 0, 2, 3).reshape(e, g * c, d)          # [G,E,C,D] -> [E,GC,D]
-    out = _exchange(plan.apply(weights, _exchange(send, plan.ep)), plan.ep, back=True)
-    if plan.dispatch == 'index':
+    out = _exchange(cfg.apply(weights, _exchange(send, cfg.ep)), cfg.ep, back=True)
+    if cfg.dispatch == 'index':
       y = dispatch_lib.index_combine(out, rp, ctx)                      # [G, S, D]
     else:
       out = out.reshape(e, g, c, d).transpose(1, 0, 2, 3)
@@ -214,13 +214,14 @@ def _routed(x, logits, weights, bias, *, plan: _Plan):
 
   probs = jax.nn.softmax(lg, axis=-1)
   first, prob_sum, n = routing_lib.balance_stats(probs, rp.expert)
+  chosen = jax.nn.one_hot(rp.expert, e)                                 # [G, S, K, E]
   stats = dict(
       first_counts=first, prob_sum=prob_sum, tokens=n,
-      demand=jnp.sum(jax.nn.one_hot(rp.expert, e), axis=(0, 1, 2)),   # all K choices
-      kept=jnp.sum(jax.nn.one_hot(rp.expert, e) * rp.kept[..., None], axis=(0, 1, 2)),
+      demand=jnp.sum(chosen, axis=(0, 1, 2)),                          # all K choices
+      kept=jnp.sum(chosen * rp.kept[..., None], axis=(0, 1, 2)),
       entropy_sum=routing_lib.router_entropy(probs) * n)
-  if plan.token_axes:
-    stats = jax.lax.psum(stats, plan.token_axes)
+  if cfg.token_axes:
+    stats = jax.lax.psum(stats, cfg.token_axes)
   return y.reshape(b, l, d).astype(x.dtype), stats
 
 
@@ -281,7 +282,7 @@ class MoE(nnx.Module):
     if routing == 'expert_choice':   # fail now, not at the first call
       routing_lib.check_expert_choice(causal, allow_lookahead)
     self.d_model, self.num_experts, self.mesh = d_model, num_experts, mesh
-    self.settings = _Plan(
+    self.settings = _Settings(
         num_experts=num_experts, k=k, capacity_factor=capacity_factor,
         dispatch=dispatch, routing=routing, normalize_weights=normalize_weights,
         group_size=group_size, allow_lookahead=allow_lookahead or not causal,
@@ -308,12 +309,12 @@ class MoE(nnx.Module):
     if x.shape[0] % shards:
       raise ValueError(f'Batch size {x.shape[0]} must be divisible by the {shards} token '
                        f"shards of the mesh (axes {axes}); pad or resize the batch.")
-    plan = dataclasses.replace(self.settings, token_axes=axes if shards > 1 else (),
+    cfg = dataclasses.replace(self.settings, token_axes=axes if shards > 1 else (),
                                apply=self.experts.apply,
                                ragged_apply=self.experts.ragged_apply)
     logits = self.router(x, train=train)                                # f32[B, L, E]
     bias = self.router.bias[...] if self.balancing == 'loss_free' else None
-    body = functools.partial(_routed, plan=plan)
+    body = functools.partial(_routed, cfg=cfg)
     weights = self.experts.weights()
     args = (x, logits, weights, bias)
     if shards > 1:
@@ -324,7 +325,7 @@ class MoE(nnx.Module):
                    for a, sp in zip(args, specs))
       body = jax.shard_map(body, mesh=self.mesh, in_specs=specs, out_specs=(tok, P()))
     y, stats = body(*args)
-    aux = _aux(stats, logits, plan)
+    aux = _aux(stats, logits, cfg)
     if train and self.balancing == 'loss_free':
       self.router.bias[...] = routing_lib.update_balance_bias(
           self.router.bias[...], stats['demand'], self.bias_rate)
@@ -364,11 +365,11 @@ def _validate(*, num_experts, k, capacity_factor, dispatch, routing_name, balanc
                      'of a device).')
 
 
-def _aux(stats, logits, plan: _Plan) -> dict[str, jax.Array]:
+def _aux(stats, logits, cfg: _Settings) -> dict[str, jax.Array]:
   """Global routing metrics from the summed statistics of every device."""
-  n, e = stats['tokens'], plan.num_experts
+  n, e = stats['tokens'], cfg.num_experts
   demand = stats['demand'] / jnp.sum(stats['demand'])
-  if plan.routing == 'expert_choice':   # balanced by construction: nothing to penalise
+  if cfg.routing == 'expert_choice':   # balanced by construction: nothing to penalise
     lb = jnp.zeros((), jnp.float32)
     demand = stats['kept'] / jnp.maximum(jnp.sum(stats['kept']), 1.0)
   else:

@@ -72,6 +72,36 @@ def test_expert_parallel_matches_single_device(shape, k, cf):
                                err_msg=str(path))
 
 
+@pytest.mark.parametrize('dispatch,shape', [('einsum', (2, 4)), ('dropless', (8, 1)),
+                                            ('einsum', (8, 1))])
+def test_other_backends_on_a_mesh_match_single_device(dispatch, shape):
+  mesh = _mesh(shape)
+  kw = dict(k=2, capacity_factor=1.0, dispatch=dispatch, rngs=nnx.Rngs(5))
+  ref = sj.moe.MoE(D, F, E, group_size=B * L // 8, **kw)
+  ep = sj.moe.MoE(D, F, E, mesh=mesh, **kw)
+  _copy_params(ref, ep)
+  x, ct = _inputs(4)
+  y0, aux0, _, g0, gx0 = _run(ref, x, ct)
+  y1, aux1, _, g1, gx1 = _run(ep, x, ct)
+  assert (aux0['dropped_fraction'] > 0) == (dispatch != 'dropless')
+  np.testing.assert_allclose(y1, y0, atol=1e-5)
+  np.testing.assert_allclose(gx1, gx0, atol=1e-5)
+  flat1 = dict(nnx.to_flat_state(g1))
+  for path, v in nnx.to_flat_state(g0):
+    np.testing.assert_allclose(flat1[path][...], v[...], atol=1e-5, rtol=1e-4)
+
+
+def test_bfloat16_experts_keep_a_float32_router():
+  layer = sj.moe.MoE(D, F, E, param_dtype=jnp.bfloat16)
+  x = _inputs()[0].astype(jnp.bfloat16)
+  assert layer.experts.wi[...].dtype == jnp.bfloat16
+  assert layer.router.kernel[...].dtype == jnp.float32
+  assert layer.router(x).dtype == jnp.float32
+  y, aux = layer(x)
+  assert y.dtype == jnp.bfloat16 and aux['load_balance_loss'].dtype == jnp.float32
+  assert np.isfinite(np.asarray(y, np.float32)).all()
+
+
 def _hlo(mesh, dispatch='index'):
   layer = sj.moe.MoE(D, F, E, mesh=mesh, dispatch=dispatch)
   x = jax.device_put(_inputs()[0], NamedSharding(mesh, P(('data', 'expert'))))
