@@ -43,23 +43,16 @@ def _copy_params(src, dst):
   nnx.update(dst, jax.device_get(nnx.state(src)))
 
 
-@pytest.mark.parametrize('shape', MESHES)
-@pytest.mark.parametrize('k,cf', [(1, 1.0), (1, 8.0), (2, 1.0), (2, 8.0)])
-def test_expert_parallel_matches_single_device(shape, k, cf):
-  mesh = _mesh(shape)
-  shards = shape[0] * shape[1]
-  kw = dict(k=k, capacity_factor=cf, rngs=nnx.Rngs(3))
-  # The reference routes the same groups: the tokens each device holds.
-  ref = sj.moe.MoE(D, F, E, group_size=B * L // shards, **kw)
+def _assert_sharded_matches(mesh, seed=0, **kw):
+  """Build the layer on `mesh` and its single-device reference (routing the same groups:
+  the tokens each device holds) with equal parameters; compare outputs, aux, the loss and
+  the gradients for x and every parameter. Returns the reference's aux."""
+  ref = sj.moe.MoE(D, F, E, group_size=B * L // mesh.size, **kw)
   ep = sj.moe.MoE(D, F, E, mesh=mesh, **kw)
   _copy_params(ref, ep)
-  x, ct = _inputs()
+  x, ct = _inputs(seed)
   y0, aux0, loss0, g0, gx0 = _run(ref, x, ct)
   y1, aux1, loss1, g1, gx1 = _run(ep, x, ct)
-  if cf == 1.0:
-    assert aux0['dropped_fraction'] > 0      # the drop path is really exercised
-  else:
-    assert aux0['dropped_fraction'] == 0
   np.testing.assert_allclose(y1, y0, atol=1e-5, rtol=1e-5)
   np.testing.assert_allclose(loss1, loss0, rtol=1e-5)
   for name in aux0:
@@ -70,25 +63,23 @@ def test_expert_parallel_matches_single_device(shape, k, cf):
   for path, v in flat0:
     np.testing.assert_allclose(flat1[path][...], v[...], atol=1e-5, rtol=1e-4,
                                err_msg=str(path))
+  return aux0
+
+
+@pytest.mark.parametrize('shape', MESHES)
+@pytest.mark.parametrize('k,cf', [(1, 1.0), (1, 8.0), (2, 1.0), (2, 8.0)])
+def test_expert_parallel_matches_single_device(shape, k, cf):
+  aux = _assert_sharded_matches(_mesh(shape), k=k, capacity_factor=cf, rngs=nnx.Rngs(3))
+  # The drop path is really exercised at cf=1.0, and absent at cf=8.
+  assert (aux['dropped_fraction'] > 0) == (cf == 1.0)
 
 
 @pytest.mark.parametrize('dispatch,shape', [('einsum', (2, 4)), ('dropless', (8, 1)),
                                             ('einsum', (8, 1))])
 def test_other_backends_on_a_mesh_match_single_device(dispatch, shape):
-  mesh = _mesh(shape)
-  kw = dict(k=2, capacity_factor=1.0, dispatch=dispatch, rngs=nnx.Rngs(5))
-  ref = sj.moe.MoE(D, F, E, group_size=B * L // 8, **kw)
-  ep = sj.moe.MoE(D, F, E, mesh=mesh, **kw)
-  _copy_params(ref, ep)
-  x, ct = _inputs(4)
-  y0, aux0, _, g0, gx0 = _run(ref, x, ct)
-  y1, aux1, _, g1, gx1 = _run(ep, x, ct)
-  assert (aux0['dropped_fraction'] > 0) == (dispatch != 'dropless')
-  np.testing.assert_allclose(y1, y0, atol=1e-5)
-  np.testing.assert_allclose(gx1, gx0, atol=1e-5)
-  flat1 = dict(nnx.to_flat_state(g1))
-  for path, v in nnx.to_flat_state(g0):
-    np.testing.assert_allclose(flat1[path][...], v[...], atol=1e-5, rtol=1e-4)
+  aux = _assert_sharded_matches(_mesh(shape), seed=4, k=2, capacity_factor=1.0,
+                                dispatch=dispatch, rngs=nnx.Rngs(5))
+  assert (aux['dropped_fraction'] > 0) == (dispatch != 'dropless')
 
 
 def test_bfloat16_experts_keep_a_float32_router():
@@ -160,20 +151,16 @@ def test_expert_weights_are_sharded_over_expert_axis():
 
 @pytest.mark.parametrize('activation', ['relu', 'swiglu'])
 def test_activation_and_shared_expert_under_expert_parallelism(activation):
-  mesh = _mesh((2, 4))
-  kw = dict(activation=activation, shared_d_ff=8, rngs=nnx.Rngs(1))
-  ref = sj.moe.MoE(D, F, E, group_size=B * L // 8, **kw)
-  ep = sj.moe.MoE(D, F, E, mesh=mesh, **kw)
-  _copy_params(ref, ep)
-  x, ct = _inputs(1)
-  y0, _, _, g0, _ = _run(ref, x, ct)
-  y1, _, _, g1, _ = _run(ep, x, ct)
-  np.testing.assert_allclose(y1, y0, atol=1e-5)
-  if activation == 'swiglu':
-    assert ref.experts.wi_gate[...].shape == (E, D, F)
-  flat1 = dict(nnx.to_flat_state(g1))
-  for path, v in nnx.to_flat_state(g0):
-    np.testing.assert_allclose(flat1[path][...], v[...], atol=1e-5, rtol=1e-4)
+  _assert_sharded_matches(_mesh((2, 4)), seed=1, activation=activation, shared_d_ff=8,
+                          rngs=nnx.Rngs(1))
+
+
+def test_contract_parameter_shapes():
+  layer = sj.moe.MoE(D, F, E, activation='swiglu', shared_d_ff=8)
+  assert layer.router.kernel[...].shape == (D, E)
+  assert layer.experts.wi[...].shape == layer.experts.wi_gate[...].shape == (E, D, F)
+  assert layer.experts.wo[...].shape == (E, F, D)
+  assert not hasattr(sj.moe.MoE(D, F, E).experts, 'wi_gate')
 
 
 def test_expert_ffn_matches_contract_formula():
