@@ -12,35 +12,21 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, PartitionSpec as P
 
 from sparse_jax import dispatch as dispatch_lib
 from sparse_jax import routing as routing_lib
-from sparse_jax.sharding import axis_size, reshard, spec_for, token_axes
+from sparse_jax.params import weight
+from sparse_jax.sharding import axis_size, reshard, token_axes
 
 ACTIVATIONS = {'gelu': jax.nn.gelu, 'relu': jax.nn.relu, 'swiglu': jax.nn.silu}
 ROUTINGS = ('top_k', 'expert_choice')
 BALANCING = ('aux_loss', 'loss_free')
-
-
-def _param(key, shape, init_scale, dtype, names, mesh, fan_in_axis=-2):
-  """Truncated-normal weight with variance init_scale / fan_in (Switch uses 0.1).
-
-  The partition names are kept as metadata; with a mesh the value is placed now, so
-  the layer works with or without `jax.set_mesh`.
-  """
-  init = jax.nn.initializers.variance_scaling(
-      init_scale, 'fan_in', 'truncated_normal', in_axis=fan_in_axis, out_axis=-1,
-      batch_axis=tuple(range(len(shape) - 2)))
-  value = init(key, shape, dtype)
-  if mesh is not None:
-    value = jax.device_put(value, NamedSharding(mesh, spec_for(mesh, names)))
-  return nnx.Param(value, out_sharding=names, eager_sharding=False)
 
 
 class RouterBias(nnx.Variable):
@@ -56,8 +42,8 @@ class Router(nnx.Module):
 
   def __init__(self, d_model: int, num_experts: int, *, init_scale: float = 1.0,
                jitter: float = 0.0, mesh: Mesh | None = None, rngs: nnx.Rngs):
-    self.kernel = _param(rngs.params(), (d_model, num_experts), init_scale,
-                         jnp.float32, (None, None), mesh)
+    self.kernel = weight(rngs.params(), (d_model, num_experts), init_scale=init_scale,
+                         names=(None, None), mesh=mesh)
     self.bias = RouterBias(jnp.zeros((num_experts,), jnp.float32))
     self.jitter = jitter
     self.rngs = rngs.fork() if jitter > 0 else None
@@ -100,7 +86,7 @@ class Experts(nnx.Module):
                param_dtype=jnp.float32, mesh: Mesh | None = None, rngs: nnx.Rngs):
     _check_activation(activation)
     self.activation = activation
-    mk = functools.partial(_param, init_scale=init_scale, dtype=param_dtype, mesh=mesh,
+    mk = functools.partial(weight, init_scale=init_scale, dtype=param_dtype, mesh=mesh,
                            names=('expert', None, None))
     self.wi = mk(rngs.params(), (num_experts, d_model, d_ff))
     if activation == 'swiglu':
@@ -137,10 +123,11 @@ class DenseFFN(nnx.Module):
   """Dense FFN act(x @ wi) @ wo, x [..., D]: the shared expert and the benchmarks' baseline."""
 
   def __init__(self, d_model: int, d_ff: int, *, activation: str = 'gelu',
-               init_scale: float = 1.0, param_dtype=jnp.float32, rngs: nnx.Rngs):
+               init_scale: float = 1.0, param_dtype=jnp.float32,
+               mesh: Mesh | None = None, rngs: nnx.Rngs):
     _check_activation(activation)
     self.activation = activation
-    mk = functools.partial(_param, init_scale=init_scale, dtype=param_dtype, mesh=None)
+    mk = functools.partial(weight, init_scale=init_scale, dtype=param_dtype, mesh=mesh)
     self.wi = mk(rngs.params(), (d_model, d_ff), names=(None, 'model'))
     if activation == 'swiglu':
       self.wi_gate = mk(rngs.params(), (d_model, d_ff), names=(None, 'model'))
@@ -294,9 +281,9 @@ class MoE(nnx.Module):
     self.experts = experts or Experts(num_experts, d_model, d_ff, activation=activation,
                                       init_scale=init_scale, param_dtype=param_dtype,
                                       mesh=mesh, rngs=rngs)
-    self.shared = None if shared_d_ff is None else DenseFFN(
+    self.shared = None if not shared_d_ff else DenseFFN(
         d_model, shared_d_ff, activation=activation, init_scale=init_scale,
-        param_dtype=param_dtype, rngs=rngs)
+        param_dtype=param_dtype, mesh=mesh, rngs=rngs)
 
   def __call__(self, x: jax.Array, train: bool = False):
     if x.ndim != 3 or x.shape[-1] != self.d_model:

@@ -1,0 +1,118 @@
+"""The transformer LM: block layout, causality, sharded vs single device, accounting."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import sparse_jax as sj
+from sparse_jax import models, steps
+from sparse_jax.config import base_config
+
+
+def _tiny(num_experts=4, **moe):
+  c = base_config()
+  c.model.update(d_model=32, num_layers=4, num_heads=2, d_ff=64)
+  c.moe.update(num_experts=num_experts, **moe)
+  c.train.update(seq_len=16, batch_size=8)
+  return c
+
+
+def test_block_layout_moe_every_and_offset():
+  c = _tiny(moe_every=2, moe_offset=1)
+  m = models.TransformerLM(c.model, c.moe, rngs=nnx.Rngs(0))
+  kinds = [type(b.ffn).__name__ for b in m.blocks]
+  assert kinds == ['DenseFFN', 'MoE', 'DenseFFN', 'MoE']
+  c = _tiny(moe_every=3, moe_offset=0)
+  kinds = [type(b.ffn).__name__ for b in models.TransformerLM(c.model, c.moe,
+                                                               rngs=nnx.Rngs(0)).blocks]
+  assert kinds == ['MoE', 'DenseFFN', 'DenseFFN', 'MoE']
+
+
+def test_causal_future_tokens_do_not_change_past_logits():
+  c = _tiny()
+  tokens = jax.random.randint(jax.random.key(0), (1, 16), 0, 256)
+  # One sequence = one routing group; capacity large enough that a later token cannot
+  # take an earlier token's slot (capacity is the one non-causal coupling of top-k MoE).
+  c.moe.capacity_factor = 4.0
+  m = models.TransformerLM(c.model, c.moe, rngs=nnx.Rngs(0))
+  a, _ = m(tokens)
+  b, _ = m(tokens.at[0, 10:].set(7))
+  np.testing.assert_allclose(a[0, :10], b[0, :10], atol=1e-5)
+  assert not np.allclose(a[0, 10:], b[0, 10:])
+
+
+def test_aux_losses_sum_over_moe_blocks():
+  c = _tiny()
+  m = models.TransformerLM(c.model, c.moe, rngs=nnx.Rngs(0))
+  _, aux = m(jnp.zeros((2, 16), jnp.int32) + jnp.arange(16))
+  assert sorted(aux['layers']) == [1, 3]
+  np.testing.assert_allclose(aux['load_balance_loss'],
+                             sum(l['load_balance_loss'] for l in aux['layers'].values()))
+  _, aux = models.TransformerLM(_tiny(0).model, _tiny(0).moe, rngs=nnx.Rngs(0))(
+      jnp.zeros((2, 16), jnp.int32))
+  assert aux['layers'] == {} and float(aux['load_balance_loss']) == 0.0
+
+
+def test_untied_output_and_swiglu():
+  c = _tiny()
+  c.model.update(tie_embeddings=False, activation='swiglu')
+  m = models.TransformerLM(c.model, c.moe, rngs=nnx.Rngs(0))
+  logits, _ = m(jnp.zeros((2, 16), jnp.int32))
+  assert logits.shape == (2, 16, 256) and m.unembed[...].shape == (32, 256)
+  n = sum(x.size for x in jax.tree.leaves(nnx.state(m, nnx.Param)))
+  counts = models.count_params(c)
+  assert n == counts['total'] + counts['embedding']
+
+
+@pytest.mark.parametrize('num_experts,k,shared', [(0, 1, 0), (4, 1, 0), (4, 2, 8)])
+def test_count_params_matches_the_model(num_experts, k, shared):
+  c = _tiny(num_experts, k=k, shared_d_ff=shared)
+  m = models.TransformerLM(c.model, c.moe, rngs=nnx.Rngs(0))
+  n = sum(x.size for x in jax.tree.leaves(nnx.state(m, nnx.Param)))
+  counts = models.count_params(c)
+  assert n == counts['total'] + counts['embedding']
+  d, f = 32, 64
+  if num_experts:
+    # Two MoE blocks: each token uses k of the 4 experts (plus router and shared expert).
+    unused = 2 * (num_experts - k) * 2 * d * f
+    assert counts['total'] - counts['active'] == unused
+  else:
+    assert counts['total'] == counts['active']
+
+
+def test_flops_per_token_by_hand():
+  c = _tiny(0)
+  c.model.num_layers = 1
+  d, f, v, l = 32, 64, 256, 16
+  # attention 4 d^2 + FFN 2 d f + output projection d v, x2 FLOPs; scores 2 * 2 L d.
+  want = 2 * (4 * d * d + 2 * d * f + d * v) + 2 * 2 * l * d
+  got = models.flops_per_token(c)
+  assert got['forward'] == want and got['train'] == 3 * want
+
+
+@pytest.mark.parametrize('shape', [(2, 4), (8, 1), (1, 8)])
+def test_sharded_model_matches_single_device(shape):
+  """Loss and gradients of the LM on a mesh vs one device with the same routing groups."""
+  c = _tiny(8, capacity_factor=1.0)
+  mesh = sj.sharding.make_mesh(data=shape[0], expert=shape[1])
+  tokens = jax.random.randint(jax.random.key(1), (8, 17), 0, 256)
+  batch = {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:]}
+  c.moe.group_size = 16                      # one sequence per group in both runs
+  ref = models.TransformerLM(c.model, c.moe, rngs=nnx.Rngs(0))
+  c.moe.group_size = 0                       # sharded: a device holds one sequence
+  ep = models.TransformerLM(c.model, c.moe, mesh=mesh, rngs=nnx.Rngs(0))
+  nnx.update(ep, jax.device_get(nnx.state(ref)))
+  sj.sharding.put_params(ep, mesh)
+
+  def grads(model, batch):
+    loss = lambda m: steps.lm_loss(m, batch, train=True, lb_coef=0.01, z_coef=1e-3)[0]
+    return nnx.jit(nnx.value_and_grad(loss))(model)
+
+  l0, g0 = grads(ref, batch)
+  l1, g1 = grads(ep, sj.sharding.put_batch(batch, mesh))
+  np.testing.assert_allclose(l1, l0, rtol=1e-5)
+  flat1 = dict(nnx.to_flat_state(g1))
+  for path, v in nnx.to_flat_state(g0):
+    np.testing.assert_allclose(flat1[path][...], v[...], atol=2e-5, rtol=1e-4,
+                               err_msg=str(path))
