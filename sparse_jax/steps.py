@@ -67,7 +67,7 @@ def make_train_step(graphdef, config):
     model, opt = nnx.merge(graphdef, state)
     (total, (ce, aux)), grads = nnx.value_and_grad(loss, has_aux=True)(model, batch)
     opt.update(model, grads)
-    metrics = {'loss': ce, 'total_loss': total, 'grad_norm': optax.global_norm(grads),
+    metrics = {'loss': ce, 'total_loss': total, 'grad_norm': optax.tree.norm(grads),
                **_routing_metrics(aux)}
     return nnx.state((model, opt)), metrics
 

@@ -1,0 +1,111 @@
+"""Training throughput of the switch LM vs the dense LM with the same active FLOPs per
+token, measured side by side in one run on the 8-device CPU mesh.
+
+  python experiments/bench_train.py            # configs/dense.py vs configs/switch.py sizes
+  python experiments/bench_train.py --quick    # configs/tiny.py sizes
+  python experiments/bench_train.py --json out.json
+
+Batches are random tokens already on the mesh, so the numbers are the model's step time
+(forward, backward, AdamW update), not the input pipeline's.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                           ' --xla_force_host_platform_device_count=8').strip()
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import pathlib  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from sparse_jax import models, sharding, steps  # noqa: E402
+from sparse_jax.config import load_config, validate  # noqa: E402
+
+CONFIGS = pathlib.Path(__file__).resolve().parents[1] / 'configs'
+
+
+def step_fn(config):
+  """A jitted train step on config's mesh, its state and a batch placed on the mesh."""
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.expert, config.mesh.model)
+  model = models.TransformerLM(config.model, config.moe, mesh=mesh, rngs=nnx.Rngs(0))
+  sharding.put_params(model, mesh)
+  opt = nnx.Optimizer(model, steps.make_optimizer(config.train), wrt=nnx.Param)
+  graphdef, state = nnx.split((model, opt))
+  sh = steps.state_shardings(state, mesh)
+  fn = jax.jit(steps.make_train_step(graphdef, config),
+               in_shardings=(sh, sharding.batch_sharding(mesh)), out_shardings=(sh, None),
+               donate_argnums=0)
+  t = config.train
+  tokens = np.random.default_rng(0).integers(0, 256, (t.batch_size, t.seq_len + 1))
+  batch = sharding.put_batch({'inputs': tokens[:, :-1].astype(np.int32),
+                              'targets': tokens[:, 1:].astype(np.int32)}, mesh)
+  return fn, jax.device_put(state, sh), batch
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument('--quick', action='store_true')
+  ap.add_argument('--steps', type=int, default=None, help='timed steps per model')
+  ap.add_argument('--json', metavar='PATH')
+  a = ap.parse_args()
+  variants = {'dense': ('dense.py', 8, 1), 'switch (expert axis 1)': ('switch.py', 8, 1),
+              'switch (expert axis 8)': ('switch.py', 1, 8)}
+  runs = {}
+  for name, (file, data, expert) in variants.items():
+    c = load_config(CONFIGS / file)
+    if a.quick:
+      tiny = load_config(CONFIGS / 'tiny.py')
+      c.model, c.train = tiny.model, tiny.train
+      c.moe.num_experts = 8 if c.moe.num_experts else 0
+      c.train.batch_size = 16
+    c.mesh.data, c.mesh.expert = data, expert
+    validate(c, jax.device_count())
+    fn, state, batch = step_fn(c)
+    runs[name] = dict(config=c, fn=fn, state=state, batch=batch, times=[])
+  n = a.steps or (20 if a.quick else 8)
+  for r in runs.values():                                  # compile and warm up
+    for _ in range(2):
+      r['state'], m = r['fn'](r['state'], r['batch'])
+      jax.block_until_ready(m)
+  for _ in range(n):                                       # interleaved, so drift hits all
+    for r in runs.values():
+      t0 = time.perf_counter()
+      r['state'], m = r['fn'](r['state'], r['batch'])
+      jax.block_until_ready(m)
+      r['times'].append(time.perf_counter() - t0)
+  base = statistics.median(runs['dense']['times'])
+  machine = (f'{platform.machine()}, {os.cpu_count()} CPU cores, '
+             f'{jax.devices()[0].platform} x{jax.device_count()}, jax {jax.__version__}')
+  rows = []
+  for name, r in runs.items():
+    c, sec = r['config'], statistics.median(r['times'])
+    counts, flops = models.count_params(c), models.flops_per_token(c)
+    rows.append(dict(model=name, mesh=f"{c.mesh.data}x{c.mesh.expert}",
+                     total_params=counts['total'], active_params=counts['active'],
+                     train_flops_per_token=flops['train'],
+                     tokens_per_s_ratio=base / sec, step_time_ratio=sec / base))
+  c0 = runs['dense']['config']
+  print(f"# LM train-step benchmark: d_model={c0.model.d_model} layers={c0.model.num_layers} "
+        f"batch={c0.train.batch_size}x{c0.train.seq_len}; {machine}; median of {n} steps\n")
+  print('| model | mesh (data x expert) | total params | active params / token | '
+        'train FLOPs / token | step time / dense | tokens/s / dense |')
+  print('|---|---|---|---|---|---|---|')
+  for r in rows:
+    print(f"| {r['model']} | {r['mesh']} | {r['total_params']:,} | {r['active_params']:,} | "
+          f"{r['train_flops_per_token']:.3g} | {r['step_time_ratio']:.3f} | "
+          f"{r['tokens_per_s_ratio']:.3f} |")
+  if a.json:
+    pathlib.Path(a.json).write_text(json.dumps(dict(machine=machine, steps=n, rows=rows),
+                                               indent=1))
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,159 @@
+"""The training command: learning, exact resume, crash recovery, guards, config errors,
+and 2 processes x 4 devices against 1 process x 8 devices."""
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from sparse_jax import data, loop
+from sparse_jax.config import load_config
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TINY = ROOT / 'configs' / 'tiny.py'
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  """The embedded corpus, built once for this module (or reused from $SPARSE_JAX_DATA)."""
+  d = os.environ.get('SPARSE_JAX_DATA') or str(tmp_path_factory.mktemp('data'))
+  data.prepare('stdlib', d, verbose=False)
+  return d
+
+
+def _config(data_dir, **train):
+  c = load_config(TINY)
+  c.data.data_dir = data_dir
+  c.train.update(**train)
+  return c
+
+
+def _rows(workdir, split=None):
+  rows = [json.loads(l) for l in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  return [r for r in rows if r.get('split') == split]
+
+
+def _cli(workdir, data_dir, *flags, cpu_devices=8, **popen):
+  cmd = [sys.executable, '-m', 'sparse_jax.train', f'--config={TINY}',
+         f'--workdir={workdir}', f'--config.data.data_dir={data_dir}',
+         f'--cpu_devices={cpu_devices}', *flags]
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, **popen)
+
+
+def _params(workdir, step):
+  state = ocp.StandardCheckpointer().restore(workdir / 'checkpoints' / str(step) / 'state')
+  return {k: np.asarray(v) for k, v in _flatten(state)}
+
+
+def _flatten(tree, prefix=()):
+  if isinstance(tree, dict):
+    for k, v in tree.items():
+      yield from _flatten(v, prefix + (k,))
+  else:
+    yield prefix, tree
+
+
+@pytest.mark.parametrize('num_experts', [0, 4])
+def test_loss_falls_dense_and_switch(tmp_path, data_dir, num_experts):
+  c = _config(data_dir, steps=40, eval_every=40, checkpoint_every=40)
+  c.moe.num_experts = num_experts
+  assert loop.train(c, tmp_path) == 0
+  train = _rows(tmp_path)
+  first, last = np.mean([r['loss'] for r in train[:3]]), np.mean([r['loss'] for r in train[-3:]])
+  # From ~ln(256) = 5.5 nats at init; 40 small steps must cut it clearly.
+  assert first > 5.0 and last < first - 1.0, (first, last)
+  ev = _rows(tmp_path, 'validation')[-1]
+  assert ev['step'] == 40 and ev['loss'] < first - 1.0
+  assert abs(ev['bpb'] - ev['loss'] / np.log(2)) < 1e-9
+  assert ('dropped_fraction' in train[-1]) == (num_experts > 0)
+
+
+def test_resume_reproduces_uninterrupted_run(tmp_path, data_dir):
+  straight, split = tmp_path / 'straight', tmp_path / 'split'
+  assert loop.train(_config(data_dir, steps=20, lr_decay_steps=20), straight) == 0
+  assert loop.train(_config(data_dir, steps=10, lr_decay_steps=20), split) == 0
+  assert loop.train(_config(data_dir, steps=20, lr_decay_steps=20), split) == 0
+  a, b = _rows(straight), _rows(split)
+  assert [r['step'] for r in b] == list(range(1, 21))
+  assert [r['loss'] for r in a] == [r['loss'] for r in b]          # exactly
+  assert _rows(straight, 'validation') [-1]['loss'] == _rows(split, 'validation')[-1]['loss']
+  pa, pb = _params(straight, 20), _params(split, 20)
+  assert pa.keys() == pb.keys() and len(pa) > 10
+  for k in pa:
+    np.testing.assert_array_equal(pa[k], pb[k], err_msg=str(k))
+
+
+def test_sigkill_after_first_checkpoint_resumes_and_finishes(tmp_path, data_dir):
+  flags = ['--config.train.steps=60', '--config.train.checkpoint_every=5',
+           '--config.train.eval_every=60']
+  p = _cli(tmp_path, data_dir, *flags)
+  deadline = time.time() + 240
+  while not (tmp_path / 'checkpoints' / '5').exists():     # orbax renames when complete
+    assert p.poll() is None and time.time() < deadline, p.communicate()
+    time.sleep(0.2)
+  p.send_signal(signal.SIGKILL)
+  p.wait()
+  p = _cli(tmp_path, data_dir, *flags)
+  out, err = p.communicate(timeout=300)
+  assert p.returncode == 0, err
+  assert 'resumed from step' in out
+  steps = [r['step'] for r in _rows(tmp_path)]
+  assert steps == list(range(1, 61))                       # no gap, no duplicate
+
+
+def test_nan_guard_stops_and_keeps_last_good_checkpoint(tmp_path, data_dir):
+  p = _cli(tmp_path, data_dir, '--config.train.lr=1e30', '--config.train.warmup_steps=0',
+           '--config.train.checkpoint_every=1', '--config.train.steps=10')
+  out, err = p.communicate(timeout=300)
+  assert p.returncode == 1, (out, err)
+  line = [l for l in err.splitlines() if l.startswith('error:')]
+  assert len(line) == 1 and 'loss is' in line[0] and 'last good checkpoint is step' in line[0]
+  bad = int(line[0].split(' at step ')[1].split(';')[0])
+  saved = sorted(int(d.name) for d in (tmp_path / 'checkpoints').iterdir() if d.name.isdigit())
+  assert saved and max(saved) == bad - 1
+  assert 'Traceback' not in err
+
+
+@pytest.mark.parametrize('flag,words', [
+    ('--config.moe.k=9', ['moe.k=9']),
+    ('--config.train.batch_size=12', ['train.batch_size=12', '8']),
+    ('--config.mesh.data=3', ['8 devices']),
+    ('--config.moe.dispatch=scatter', ["'scatter'"]),
+    ('--config.train.steps=abc', ['abc']),
+    ('--config.nonexistent=1', ['nonexistent']),
+])
+def test_config_errors_exit_2_with_one_line(tmp_path, data_dir, flag, words):
+  p = _cli(tmp_path, data_dir, flag)
+  out, err = p.communicate(timeout=120)
+  assert p.returncode == 2, (out, err)
+  lines = [l for l in err.splitlines() if l.strip()]
+  assert len(lines) == 1 and lines[0].startswith('error:'), err
+  for w in words:
+    assert w in lines[0], (w, lines[0])
+
+
+def test_two_processes_reproduce_one_process(tmp_path, data_dir):
+  flags = ['--config.train.steps=6', '--config.train.eval_every=6']
+  one = _cli(tmp_path / 'one', data_dir, *flags)
+  assert one.wait(timeout=300) == 0, one.communicate()
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  procs = [_cli(tmp_path / 'two', data_dir, *flags, f'--coordinator_address=127.0.0.1:{port}',
+                '--num_processes=2', f'--process_id={i}', cpu_devices=4) for i in range(2)]
+  for p in procs:
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+  a, b = _rows(tmp_path / 'one'), _rows(tmp_path / 'two')
+  assert [r['step'] for r in b] == list(range(1, 7))
+  np.testing.assert_allclose([r['loss'] for r in b], [r['loss'] for r in a], rtol=1e-5)
+  assert (tmp_path / 'two' / 'checkpoints' / '6').exists()
