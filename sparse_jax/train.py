@@ -14,7 +14,7 @@ from __future__ import annotations
 import pathlib
 import sys
 
-from absl import flags
+from absl import flags, logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
@@ -38,9 +38,18 @@ def main(argv=None):
   try:
     FLAGS(argv)
     config = _CONFIG.value
-  except (flags.Error, ValueError, TypeError, AttributeError, KeyError, FileNotFoundError,
-          SyntaxError) as e:
-    _die(e)
+    if config is not None:
+      config = config.copy_and_resolve_references()      # loads the file now, not later
+  except (KeyError, AttributeError) as e:               # an override of a missing key
+    key = str(e.args[0]).strip('\'"')
+    flag = next((a for a in argv if a.startswith('--config.') and key in a), key)
+    _die(f'unknown config key {key!r} in {flag}; the keys and their defaults are in '
+         'sparse_jax/config.py (base_config)')
+  except Exception as e:                                 # flag syntax, file errors, types
+    if 'Failed loading config file' in str(e):
+      e = 'cannot load the --config file: ' + str(e).splitlines()[-1].strip()
+    _die(e if isinstance(e, (flags.Error, str)) else f'{type(e).__name__}: {e}')
+  logging.set_verbosity(logging.ERROR)                   # tfds' info/warning chatter
   if config is None:
     _die('--config is required, e.g. --config=configs/switch.py')
   if not FLAGS.workdir:

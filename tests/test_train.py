@@ -129,7 +129,8 @@ def test_nan_guard_stops_and_keeps_last_good_checkpoint(tmp_path, data_dir):
     ('--config.mesh.data=3', ['8 devices']),
     ('--config.moe.dispatch=scatter', ["'scatter'"]),
     ('--config.train.steps=abc', ['abc']),
-    ('--config.nonexistent=1', ['nonexistent']),
+    ('--config.nonexistent=1', ['nonexistent', 'base_config']),
+    ('--config=configs/nope.py', ['configs/nope.py']),
 ])
 def test_config_errors_exit_2_with_one_line(tmp_path, data_dir, flag, words):
   p = _cli(tmp_path, data_dir, flag)
