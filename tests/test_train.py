@@ -110,6 +110,28 @@ def test_sigkill_after_first_checkpoint_resumes_and_finishes(tmp_path, data_dir)
   assert steps == list(range(1, 61))                       # no gap, no duplicate
 
 
+def test_sigterm_saves_then_exits(tmp_path, data_dir):
+  p = _cli(tmp_path, data_dir, '--config.train.steps=2000', '--config.train.checkpoint_every=5',
+           '--config.train.eval_every=2000')
+  deadline = time.time() + 240
+  while not (tmp_path / 'checkpoints' / '5').exists():
+    assert p.poll() is None and time.time() < deadline, p.communicate()
+    time.sleep(0.2)
+  p.send_signal(signal.SIGTERM)
+  out, err = p.communicate(timeout=120)
+  assert p.returncode == 0, err
+  saved = int((out + err).split('SIGTERM: saved step ')[1].split(';')[0])
+  assert saved < 2000 and (tmp_path / 'checkpoints' / str(saved)).exists()
+  assert _rows(tmp_path)[-1]['step'] <= saved
+
+
+def test_profile_trace_is_written(tmp_path, data_dir):
+  c = _config(data_dir, steps=4, eval_every=4, checkpoint_every=4)
+  c.profile_steps = 2
+  assert loop.train(c, tmp_path) == 0
+  assert list((tmp_path / 'profile').rglob('*.xplane.pb'))
+
+
 def test_nan_guard_stops_and_keeps_last_good_checkpoint(tmp_path, data_dir):
   p = _cli(tmp_path, data_dir, '--config.train.lr=1e30', '--config.train.warmup_steps=0',
            '--config.train.checkpoint_every=1', '--config.train.steps=10')
