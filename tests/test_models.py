@@ -91,19 +91,23 @@ def test_flops_per_token_by_hand():
   assert got['forward'] == want and got['train'] == 3 * want
 
 
-@pytest.mark.parametrize('shape', [(2, 4), (8, 1), (1, 8)])
+@pytest.mark.parametrize('shape', [(2, 4, 1), (8, 1, 1), (1, 8, 1), (2, 2, 2)])
 def test_sharded_model_matches_single_device(shape):
-  """Loss and gradients of the LM on a mesh vs one device with the same routing groups."""
+  """Loss and gradients of the LM on a mesh (data, expert, model) vs one device with the
+  same routing groups; model=2 splits attention heads and dense FFN width."""
   c = _tiny(8, capacity_factor=1.0)
-  mesh = sj.sharding.make_mesh(data=shape[0], expert=shape[1])
+  mesh = sj.sharding.make_mesh(data=shape[0], expert=shape[1], model=shape[2])
   tokens = jax.random.randint(jax.random.key(1), (8, 17), 0, 256)
   batch = {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:]}
-  c.moe.group_size = 16                      # one sequence per group in both runs
+  c.moe.group_size = 16 * 8 // (shape[0] * shape[1])   # the tokens of one token shard
   ref = models.TransformerLM(c.model, c.moe, rngs=nnx.Rngs(0))
-  c.moe.group_size = 0                       # sharded: a device holds one sequence
+  c.moe.group_size = 0                       # sharded: all tokens of a device
   ep = models.TransformerLM(c.model, c.moe, mesh=mesh, rngs=nnx.Rngs(0))
   nnx.update(ep, jax.device_get(nnx.state(ref)))
   sj.sharding.put_params(ep, mesh)
+  d = c.model.d_model
+  assert ep.blocks[0].attn.wq[...].addressable_shards[0].data.shape == (d, d // shape[2])
+  assert ep.blocks[0].ffn.wi[...].addressable_shards[0].data.shape == (d, 64 // shape[2])
 
   def grads(model, batch):
     loss = lambda m: steps.lm_loss(m, batch, train=True, lb_coef=0.01, z_coef=1e-3)[0]
