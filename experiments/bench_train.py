@@ -24,9 +24,8 @@ import time  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
 
-from sparse_jax import models, sharding, steps  # noqa: E402
+from sparse_jax import loop, models, sharding, steps  # noqa: E402
 from sparse_jax.config import load_config, validate  # noqa: E402
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / 'configs'
@@ -35,11 +34,7 @@ CONFIGS = pathlib.Path(__file__).resolve().parents[1] / 'configs'
 def step_fn(config):
   """A jitted train step on config's mesh, its state and a batch placed on the mesh."""
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.expert, config.mesh.model)
-  model = models.TransformerLM(config.model, config.moe, mesh=mesh, rngs=nnx.Rngs(0))
-  sharding.put_params(model, mesh)
-  opt = nnx.Optimizer(model, steps.make_optimizer(config.train), wrt=nnx.Param)
-  graphdef, state = nnx.split((model, opt))
-  sh = steps.state_shardings(state, mesh)
+  graphdef, state, sh = loop.build_state(config, mesh)
   fn = jax.jit(steps.make_train_step(graphdef, config),
                in_shardings=(sh, sharding.batch_sharding(mesh)), out_shardings=(sh, None),
                donate_argnums=0)
@@ -47,7 +42,7 @@ def step_fn(config):
   tokens = np.random.default_rng(0).integers(0, 256, (t.batch_size, t.seq_len + 1))
   batch = sharding.put_batch({'inputs': tokens[:, :-1].astype(np.int32),
                               'targets': tokens[:, 1:].astype(np.int32)}, mesh)
-  return fn, jax.device_put(state, sh), batch
+  return fn, state, batch
 
 
 def main():

@@ -53,6 +53,27 @@ def base_config() -> ml_collections.ConfigDict:
   c.moe.init_scale = 0.0       # 0 -> model.init_scale
   c.moe.load_balance_coef = 0.01
   c.moe.z_loss_coef = 1e-3
+  # Renormalise the K combine weights; None -> k >= 2 (True turns k=1 weights into 1).
+  c.moe.normalize_weights = ml_collections.config_dict.placeholder(bool)
+
+  c.init = ml_collections.ConfigDict()
+  # A dense run's workdir: start this (MoE) model from its latest checkpoint by sparse
+  # upcycling (every expert a copy of the dense FFN; fresh router). Ignored on resume.
+  c.init.upcycle_from = ''
+  c.init.upcycle_noise = 0.0        # relative std of noise added to each expert copy
+  c.init.router_init_scale = 0.01   # small router: near-uniform routing at the start
+
+  c.pruning = ml_collections.ConfigDict()
+  c.pruning.sparsity = 0.0          # > 0 turns the pruner on (sparse_jax.pruning.wrap)
+  c.pruning.method = 'magnitude'    # magnitude | random | saliency
+  c.pruning.schedule = 'gmp'        # gmp (cubic, Zhu & Gupta) | one_shot
+  c.pruning.start_step = 0
+  c.pruning.end_step = 0            # 0 -> 3/4 of train.steps
+  c.pruning.update_every = 100
+  c.pruning.distribution = 'uniform'  # uniform | erk
+  c.pruning.scope = 'layer'         # layer | global
+  c.pruning.n_m = ''                # 'N:M', e.g. '2:4'; '' for unstructured
+  c.pruning.structure = ''          # '' | ffn_neurons | heads | experts
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1             # -1: the devices left over

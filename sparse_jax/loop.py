@@ -11,12 +11,14 @@ import time
 
 import grain
 import jax
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 from tqdm import tqdm
 
 from sparse_jax import data, models, sharding, steps
+from sparse_jax.upcycle import upcycle
 
 
 class DataError(ValueError):
@@ -72,6 +74,40 @@ def _restore_keys(template, restored):
                       template, restored)
 
 
+def _abstract(state, shardings):
+  """What orbax restores into: shapes, dtypes and shardings of the checkpointed state."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      _checkpointable(state), shardings)
+
+
+def build_state(config, mesh, model=None):
+  """(graphdef, state, shardings) of (model, optimizer), placed on the mesh."""
+  if model is None:
+    model = models.TransformerLM(config.model, config.moe, mesh=mesh,
+                                 rngs=nnx.Rngs(config.seed))
+  sharding.put_params(model, mesh)
+  opt = nnx.Optimizer(model, steps.make_optimizer(config), wrt=nnx.Param)
+  graphdef, state = nnx.split((model, opt))
+  shardings = steps.state_shardings(state, mesh)
+  return graphdef, jax.device_put(state, shardings), shardings
+
+
+def load_model(run_dir: pathlib.Path, mesh):
+  """(config, model) of a training run's latest checkpoint, placed on `mesh`."""
+  mngr = ocp.CheckpointManager((run_dir / 'checkpoints').absolute())
+  step = mngr.latest_step()
+  if step is None:
+    raise DataError(f'no checkpoint in {run_dir / "checkpoints"} to load a model from')
+  config = ml_collections.ConfigDict(mngr.restore(step, args=ocp.args.Composite(
+      config=ocp.args.JsonRestore()))['config'])
+  graphdef, state, shardings = build_state(config, mesh)
+  restored = mngr.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(_abstract(state, shardings))))
+  model, _ = nnx.merge(graphdef, _restore_keys(state, restored['state']))
+  mngr.close()
+  return config, model
+
+
 def _iterator(config, split, *, train: bool):
   t = config.train
   try:
@@ -114,13 +150,19 @@ def train(config, workdir: pathlib.Path) -> int:
   except ValueError as e:
     raise DataError(str(e)) from e
 
-  model = models.TransformerLM(config.model, config.moe, mesh=mesh,
-                               rngs=nnx.Rngs(config.seed))
-  sharding.put_params(model, mesh)
-  opt = nnx.Optimizer(model, steps.make_optimizer(t), wrt=nnx.Param)
-  graphdef, state = nnx.split((model, opt))
-  shardings = steps.state_shardings(state, mesh)
-  state = jax.device_put(state, shardings)
+  ckpt = ocp.CheckpointManager(
+      (workdir / 'checkpoints').absolute(),
+      options=ocp.CheckpointManagerOptions(max_to_keep=t.keep_checkpoints, create=True,
+                                           enable_async_checkpointing=True))
+  start = ckpt.latest_step()
+  model = None
+  if start is None and config.init.upcycle_from:
+    dense_config, dense = load_model(pathlib.Path(config.init.upcycle_from), mesh)
+    model = upcycle(dense, config, mesh=mesh, noise=config.init.upcycle_noise,
+                    router_init_scale=config.init.router_init_scale, seed=config.seed)
+    say(f'upcycled from {config.init.upcycle_from} ({dense_config.model.num_layers} dense '
+        f'blocks -> {config.moe.num_experts} experts per MoE block)')
+  graphdef, state, shardings = build_state(config, mesh, model)
   batch_sharding = sharding.batch_sharding(mesh)
   train_fn = jax.jit(steps.make_train_step(graphdef, config),
                      in_shardings=(shardings, batch_sharding),
@@ -129,16 +171,9 @@ def train(config, workdir: pathlib.Path) -> int:
                     in_shardings=(shardings, batch_sharding))
   train_it = _iterator(config, 'train', train=True)
 
-  ckpt = ocp.CheckpointManager(
-      (workdir / 'checkpoints').absolute(),
-      options=ocp.CheckpointManagerOptions(max_to_keep=t.keep_checkpoints, create=True,
-                                           enable_async_checkpointing=True))
-  start = ckpt.latest_step()
   if start is not None:
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            _checkpointable(state), shardings)
     restored = ckpt.restore(start, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract),
+        state=ocp.args.StandardRestore(_abstract(state, shardings)),
         data=grain.checkpoint.CheckpointRestore(train_it)))
     state = _restore_keys(state, restored.state)
     say(f'resumed from step {start} in {workdir / "checkpoints"}')

@@ -16,11 +16,12 @@ from jax.sharding import Mesh, NamedSharding
 from sparse_jax.sharding import spec_for
 
 
-def make_optimizer(t) -> optax.GradientTransformation:
+def make_optimizer(config) -> optax.GradientTransformation:
   """AdamW with linear warmup then cosine decay to min_lr_ratio * lr, global-norm clipping.
 
   Weight decay applies to matrices only (not norm scales or biases).
   """
+  t = config.train
   horizon = max(t.lr_decay_steps or t.steps, t.warmup_steps + 1)
   schedule = optax.warmup_cosine_decay_schedule(
       0.0, t.lr, t.warmup_steps, horizon, end_value=t.lr * t.min_lr_ratio)

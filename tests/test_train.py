@@ -77,6 +77,22 @@ def test_loss_falls_dense_and_switch(tmp_path, data_dir, num_experts):
   assert ('dropped_fraction' in train[-1]) == (num_experts > 0)
 
 
+def test_upcycling_from_a_dense_run_starts_at_its_loss(tmp_path, data_dir):
+  dense = _config(data_dir, steps=10)
+  dense.moe.num_experts = 0
+  assert loop.train(dense, tmp_path / 'dense') == 0
+  dense_loss = _rows(tmp_path / 'dense', 'validation')[-1]['loss']
+  # Renormalised top-1 with room for every token: the upcycled model is the dense function;
+  # one step at a negligible learning rate keeps it there until the evaluation.
+  moe = _config(data_dir, steps=1, lr=1e-12, warmup_steps=0, eval_every=1)
+  moe.moe.update(normalize_weights=True, capacity_factor=4.0)
+  moe.init.upcycle_from = str(tmp_path / 'dense')
+  assert loop.train(moe, tmp_path / 'moe') == 0
+  ev = _rows(tmp_path / 'moe', 'validation')[-1]
+  assert abs(ev['loss'] - dense_loss) < 1e-4, (ev['loss'], dense_loss)
+  assert _rows(tmp_path / 'moe')[-1]['dropped_fraction'] == 0
+
+
 def test_resume_reproduces_uninterrupted_run(tmp_path, data_dir):
   straight, split = tmp_path / 'straight', tmp_path / 'split'
   assert loop.train(_config(data_dir, steps=20, lr_decay_steps=20), straight) == 0

@@ -42,6 +42,7 @@ class Block(nnx.Module):
       self.ffn = MoE(
           d, moe_cfg.d_ff or model_cfg.d_ff, moe_cfg.num_experts, k=moe_cfg.k,
           capacity_factor=moe_cfg.capacity_factor, dispatch=moe_cfg.dispatch,
+          normalize_weights=moe_cfg.get('normalize_weights'),
           activation=model_cfg.activation, mesh=mesh, rngs=rngs, routing=moe_cfg.routing,
           group_size=moe_cfg.group_size or None, causal=causal,
           allow_lookahead=moe_cfg.allow_lookahead, balancing=moe_cfg.balancing,
