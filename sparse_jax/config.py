@@ -29,6 +29,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.d_model = 256
   c.model.num_layers = 4
   c.model.num_heads = 4
+  c.model.head_dim = 0               # 0 -> d_model / num_heads (compaction may set it)
   c.model.d_ff = 1024
   c.model.activation = 'gelu'  # gelu | relu | swiglu
   c.model.tie_embeddings = True
@@ -135,7 +136,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int,
 
   for key in ('vocab_size', 'd_model', 'num_layers', 'num_heads', 'd_ff'):
     need(m[key] >= 1, f'model.{key}={m[key]} must be >= 1')
-  if m.num_heads >= 1:
+  if m.head_dim:
+    need(m.head_dim % 2 == 0, f'model.head_dim={m.head_dim} must be even (RoPE)')
+  elif m.num_heads >= 1:
     need(m.d_model % m.num_heads == 0 and (m.d_model // m.num_heads) % 2 == 0,
          f'model.d_model={m.d_model} must be model.num_heads={m.num_heads} times an even '
          'head dimension')

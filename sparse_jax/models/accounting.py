@@ -23,7 +23,8 @@ def count_params(config) -> dict[str, int]:
   total = active = d                                                   # final norm
   expert = 0
   for i in range(m.num_layers):
-    block = 4 * d * d + 2 * d                                          # attention + norms
+    inner = m.num_heads * (m.get('head_dim') or d // m.num_heads)
+    block = 4 * d * inner + 2 * d                                      # attention + norms
     total, active = total + block, active + block
     if is_moe_block(i, moe.num_experts, moe.moe_every, moe.moe_offset):
       one = _ffn_params(d, moe.d_ff or m.d_ff, m.activation)
@@ -45,6 +46,7 @@ def flops_per_token(config, seq_len: int | None = None) -> dict[str, float]:
   c = count_params(config)
   # Norm scales are not matmul weights; the output projection is.
   matmul = c['active'] - (2 * m.num_layers + 1) * m.d_model + m.vocab_size * m.d_model
-  attention = m.num_layers * 2 * 2 * seq_len * m.d_model              # QK^T and AV
+  inner = m.num_heads * (m.get('head_dim') or m.d_model // m.num_heads)
+  attention = m.num_layers * 2 * 2 * seq_len * inner                  # QK^T and AV
   forward = 2 * matmul + attention
   return {'forward': float(forward), 'train': 3.0 * forward}

@@ -1,6 +1,7 @@
 """Causal multi-head self-attention with rotary position embeddings (RoPE).
 
-Shape legend: B batch, L length, D d_model, N heads, H head dim (D = N * H).
+Shape legend: B batch, L length, D d_model, N heads, H head dim (N * H = D unless the
+model was compacted after head pruning).
 """
 from __future__ import annotations
 
@@ -25,22 +26,25 @@ def rope(x: jax.Array, theta: float = 10_000.0) -> jax.Array:
 class Attention(nnx.Module):
   """x [B, L, D] -> [B, L, D]. Heads are split over the mesh axis 'model'."""
 
-  def __init__(self, d_model: int, num_heads: int, *, init_scale: float = 1.0,
-               param_dtype=jnp.float32, mesh: Mesh | None = None, rngs: nnx.Rngs):
-    if d_model % num_heads or (d_model // num_heads) % 2:
+  def __init__(self, d_model: int, num_heads: int, *, head_dim: int | None = None,
+               init_scale: float = 1.0, param_dtype=jnp.float32, mesh: Mesh | None = None,
+               rngs: nnx.Rngs):
+    head_dim = head_dim or d_model // num_heads
+    if head_dim % 2 or (head_dim == d_model // num_heads and d_model % num_heads):
       raise ValueError(f'd_model={d_model} must be num_heads={num_heads} times an even '
                        'head dimension (RoPE rotates channel pairs).')
     self.num_heads = num_heads
+    inner = num_heads * head_dim
     kw = dict(init_scale=init_scale, dtype=param_dtype, mesh=mesh)
     # Separate q, k, v kernels so a 'model' split of their output axis splits heads.
     self.wq, self.wk, self.wv = (
-        weight(rngs.params(), (d_model, d_model), names=(None, 'model'), **kw)
+        weight(rngs.params(), (d_model, inner), names=(None, 'model'), **kw)
         for _ in range(3))
-    self.wo = weight(rngs.params(), (d_model, d_model), names=('model', None), **kw)
+    self.wo = weight(rngs.params(), (inner, d_model), names=('model', None), **kw)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     b, l, d = x.shape
     q, k, v = (jnp.einsum('bld,dk->blk', x, w[...]).reshape(b, l, self.num_heads, -1)
                for w in (self.wq, self.wk, self.wv))                    # [B, L, N, H]
     out = jax.nn.dot_product_attention(rope(q), rope(k), v, is_causal=True)
-    return jnp.einsum('blk,kd->bld', out.reshape(b, l, d), self.wo[...])
+    return jnp.einsum('blk,kd->bld', out.reshape(b, l, -1), self.wo[...])

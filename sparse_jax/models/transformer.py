@@ -36,7 +36,8 @@ class Block(nnx.Module):
                mesh: Mesh | None, rngs: nnx.Rngs):
     d, dtype = model_cfg.d_model, jnp.dtype(model_cfg.param_dtype)
     self.attn_norm, self.ffn_norm = RMSNorm(d), RMSNorm(d)
-    self.attn = Attention(d, model_cfg.num_heads, init_scale=model_cfg.init_scale,
+    self.attn = Attention(d, model_cfg.num_heads, head_dim=model_cfg.get('head_dim') or None,
+                          init_scale=model_cfg.init_scale,
                           param_dtype=dtype, mesh=mesh, rngs=rngs)
     if use_moe:
       self.ffn = MoE(
