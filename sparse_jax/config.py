@@ -110,6 +110,18 @@ def load_config(path: str | pathlib.Path) -> ml_collections.ConfigDict:
   return module.get_config()
 
 
+def parse_n_m(text: str) -> tuple[int, int]:
+  """'2:4' -> (2, 4)."""
+  n, m = text.split(':')
+  return int(n), int(m)
+
+
+def pruning_end_step(config) -> int:
+  """pruning.end_step, or 3/4 of training when it is 0 (leave time to recover)."""
+  return config.pruning.end_step or max(config.pruning.start_step + 1,
+                                        3 * config.train.steps // 4)
+
+
 class ConfigError(ValueError):
   """A config value that cannot work; the message is one line."""
 
@@ -201,6 +213,29 @@ def validate(config: ml_collections.ConfigDict, num_devices: int,
     if moe.num_experts > 0 and moe.group_size > 0 and per_device > 0:
       need(per_device % moe.group_size == 0,
            f'moe.group_size={moe.group_size} must divide the {per_device} tokens per device')
+  pr = config.pruning
+  need(0 <= pr.sparsity < 1, f'pruning.sparsity={pr.sparsity} must be in [0, 1) (0 = off)')
+  if pr.sparsity > 0 or pr.n_m:
+    need(pr.method in ('magnitude', 'random', 'saliency'),
+         f"pruning.method={pr.method!r} must be 'magnitude', 'random' or 'saliency'")
+    need(pr.schedule in ('gmp', 'one_shot'),
+         f"pruning.schedule={pr.schedule!r} must be 'gmp' or 'one_shot'")
+    need(pr.distribution in ('uniform', 'erk'),
+         f"pruning.distribution={pr.distribution!r} must be 'uniform' or 'erk'")
+    need(pr.scope in ('layer', 'global'), f"pruning.scope={pr.scope!r} must be 'layer' or 'global'")
+    need(pr.structure in ('', 'ffn_neurons', 'heads', 'experts'),
+         f"pruning.structure={pr.structure!r} must be '', 'ffn_neurons', 'heads' or 'experts'")
+    need(pr.update_every >= 1, f'pruning.update_every={pr.update_every} must be >= 1')
+    need(pr.start_step >= 0, f'pruning.start_step={pr.start_step} must be >= 0')
+    end = pruning_end_step(config)
+    need(pr.schedule != 'gmp' or end > pr.start_step,
+         f'pruning.end_step={end} must be > pruning.start_step={pr.start_step} for gmp')
+    if pr.n_m:
+      try:
+        n, m_ = parse_n_m(pr.n_m)
+        need(0 < n < m_, f"pruning.n_m={pr.n_m!r} needs 0 < N < M")
+      except ValueError:
+        need(False, f"pruning.n_m={pr.n_m!r} must look like 'N:M', e.g. '2:4'")
   need(config.profile_steps >= 0, f'profile_steps={config.profile_steps} must be >= 0')
   need(any(config.data.source == p or config.data.source.startswith(p + ':')
            for p in ('stdlib', 'tfds', 'files')),

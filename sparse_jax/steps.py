@@ -28,9 +28,34 @@ def make_optimizer(config) -> optax.GradientTransformation:
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
   adamw = optax.adamw(schedule, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay,
                       mask=decay_mask)
-  if t.grad_clip > 0:
-    return optax.chain(optax.clip_by_global_norm(t.grad_clip), adamw)
-  return adamw
+  tx = optax.chain(optax.clip_by_global_norm(t.grad_clip), adamw) if t.grad_clip > 0 else adamw
+  p = config.pruning
+  if not (p.sparsity > 0 or p.n_m):
+    return tx
+  from sparse_jax import pruning                  # the pruner owns the final update
+  from sparse_jax.config import parse_n_m, pruning_end_step
+  extra = dict(structure=p.structure, num_heads=config.model.num_heads) if p.structure else {}
+  return pruning.wrap(
+      tx, sparsity=p.sparsity, method=p.method, schedule=p.schedule,
+      start_step=p.start_step, end_step=pruning_end_step(config),
+      update_every=p.update_every, distribution=p.distribution, scope=p.scope,
+      n_m=parse_n_m(p.n_m) if p.n_m else None, **extra)
+
+
+def sparsity_metrics(model, opt) -> dict[str, jax.Array]:
+  """Zero fraction of every pruned leaf ('sparsity/<path>') and non-zero parameter count."""
+  from sparse_jax import pruning
+  masks = pruning.masks(opt.opt_state)
+  out = {}
+  leaves = jax.tree_util.tree_flatten_with_path(masks, is_leaf=lambda x: x is None)[0]
+  for path, mask in leaves:
+    if mask is not None:
+      name = '/'.join(str(getattr(k, 'key', getattr(k, 'idx', getattr(k, 'name', k))))
+                      for k in path if getattr(k, 'name', None) != 'value')
+      out[f'sparsity/{name}'] = 1.0 - jnp.mean(mask.astype(jnp.float32))
+  params = jax.tree.leaves(nnx.state(model, nnx.Param))
+  out['nonzero_params'] = sum(jnp.count_nonzero(x) for x in params).astype(jnp.float32)
+  return out
 
 
 def state_shardings(state, mesh: Mesh):
@@ -70,6 +95,8 @@ def make_train_step(graphdef, config):
     opt.update(model, grads)
     metrics = {'loss': ce, 'total_loss': total, 'grad_norm': optax.tree.norm(grads),
                **_routing_metrics(aux)}
+    if config.pruning.sparsity > 0 or config.pruning.n_m:
+      metrics.update(sparsity_metrics(model, opt))
     return nnx.state((model, opt)), metrics
 
   return train_step
