@@ -1,0 +1,70 @@
+"""Units: the leaves one mask decision covers, viewed as scores [R, G].
+
+Shape legend: R rows pruned independently, G candidates per row, M group size of N:M.
+  element     one leaf, R = 1, G = its size (unstructured pruning; experts share one row)
+  n_m         one leaf, R = size / M, G = M (runs of M along the input axis)
+  structured  a structured.Layer: several leaves, G neurons / heads / experts per row
+A unit maps the members' element scores to f32[R, G] and a keep mask bool[R, G] back to
+one element mask per member.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from sparse_jax.pruning import masking as mask_lib
+from sparse_jax.pruning import structured
+from sparse_jax.pruning.paths import path_str
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+  leaves: tuple[int, ...]            # indices into the flattened params
+  rows: int
+  groups: int
+  kind: str                          # 'element' | 'n_m' | 'structured'
+  m: int = 0                         # N:M group size
+  layer: structured.Layer | None = None
+
+  def scores(self, xs):
+    """Element scores of self.leaves (same order) -> f32[R, G]."""
+    if self.kind == 'element':
+      return xs[0].reshape(1, -1)
+    if self.kind == 'n_m':
+      return mask_lib.to_n_m_groups(xs[0], self.m)
+    return structured.layer_scores(xs, self.layer)
+
+  def masks(self, keep, shapes) -> list:
+    """bool[R, G] -> element masks of self.leaves. shapes: all leaf shapes."""
+    if self.kind == 'element':
+      return [keep.reshape(shapes[self.leaves[0]])]
+    if self.kind == 'n_m':
+      return [mask_lib.from_n_m_groups(keep, shapes[self.leaves[0]])]
+    return structured.layer_masks(keep, self.layer, shapes)
+
+
+def element_units(indices, shapes) -> list[Unit]:
+  return [Unit((i,), 1, math.prod(shapes[i]), 'element') for i in indices]
+
+
+def n_m_units(indices, paths, shapes, n: int, m: int) -> list[Unit]:
+  units = []
+  for i in indices:
+    shape = tuple(shapes[i])
+    ax = mask_lib.input_axis(len(shape))
+    if not shape or shape[ax] % m:
+      raise ValueError(f'n_m=({n}, {m}): leaf {path_str(paths[i])} has shape {shape}; its '
+                       f'input axis (axis {ax}) is not divisible by M={m}. Exclude it '
+                       'with prunable= or pick an M that divides it.')
+    size = math.prod(shape)
+    units.append(Unit((i,), size // m, m, 'n_m', m=m))
+  return units
+
+
+def structured_units(indices, paths, shapes, kind: str, num_heads) -> list[Unit]:
+  """Layers of the kind whose member leaves are all prunable."""
+  allowed = set(indices)
+  return [Unit(tuple(mb.index for mb in layer.members), layer.rows, layer.groups,
+               'structured', layer=layer)
+          for layer in structured.find_layers(paths, shapes, kind, num_heads)
+          if all(mb.index in allowed for mb in layer.members)]
