@@ -1,5 +1,7 @@
 """sparse_jax: mixture-of-experts, pruning and sparsity for JAX/Flax NNX research."""
-from sparse_jax import config, data, dispatch, models, moe, routing, sharding, steps
+from sparse_jax import (compaction, config, data, dispatch, models, moe, pruning, routing,
+                        sharding, sparsity, steps, upcycle)
 
 __version__ = '0.1.0'
-__all__ = ['config', 'data', 'dispatch', 'models', 'moe', 'routing', 'sharding', 'steps']
+__all__ = ['compaction', 'config', 'data', 'dispatch', 'models', 'moe', 'pruning', 'routing',
+           'sharding', 'sparsity', 'steps', 'upcycle']

@@ -45,6 +45,10 @@ def compact(config, state: nnx.State, kept: dict) -> tuple:
   the dense blocks (MoE blocks are left as they are). Every dense block of a kind must be
   listed with the same count.
   """
+  other = [k for k in kept if len(k) != 3 or k[2] not in ('ffn', 'attn')]
+  if other:
+    raise ValueError(f'compact() gathers dense FFN neurons and attention heads; it cannot '
+                     f'compact {other[0]} (experts stay stacked: prune them in place).')
   m = config.model
   head_dim = m.get('head_dim') or m.d_model // m.num_heads
   n_ffn = _same_count(kept, 'ffn', 'FFN neurons')

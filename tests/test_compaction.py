@@ -64,6 +64,24 @@ def test_compacted_logits_equal_masked_logits(num_experts):
   assert n(small) == counts['total'] + counts['embedding']
 
 
+def test_structured_pruning_masks_then_compaction():
+  """sparse_jax.pruning's group scores pick the neurons and heads; compact() keeps them."""
+  from sparse_jax import pruning
+  c = _config()
+  model = models.TransformerLM(c.model, c.moe, rngs=nnx.Rngs(0))
+  params = nnx.state(model, nnx.Param)
+  _, kept_ffn = pruning.structured_masks(params, 0.75, 'ffn_neurons')
+  _, kept_heads = pruning.structured_masks(params, 0.5, 'heads', num_heads=4)
+  kept = {**kept_ffn, **kept_heads}
+  assert {len(v) for v in kept_ffn.values()} == {16} and {len(v) for v in kept_heads.values()} == {2}
+  _mask(model, kept, head_dim=8)
+  new_config, new_state = compact(c, nnx.state(model), kept)
+  small = models.TransformerLM(new_config.model, new_config.moe, rngs=nnx.Rngs(1))
+  nnx.update(small, new_state)
+  tokens = jax.random.randint(jax.random.key(0), (2, 16), 0, 256)
+  np.testing.assert_allclose(small(tokens)[0], model(tokens)[0], atol=2e-5, rtol=1e-5)
+
+
 def test_optimizer_state_is_compacted_too():
   c = _config()
   model = models.TransformerLM(c.model, c.moe, rngs=nnx.Rngs(0))

@@ -93,6 +93,24 @@ def test_upcycling_from_a_dense_run_starts_at_its_loss(tmp_path, data_dir):
   assert _rows(tmp_path / 'moe')[-1]['dropped_fraction'] == 0
 
 
+def test_pruning_in_training_logs_sparsity_and_resumes_with_masks(tmp_path, data_dir):
+  c = _config(data_dir, steps=20, checkpoint_every=10, eval_every=20)
+  c.pruning.update(sparsity=0.5, start_step=0, end_step=10, update_every=5)
+  assert loop.train(c, tmp_path) == 0
+  rows = _rows(tmp_path)
+  pruned = [k for k in rows[-1] if k.startswith('sparsity/')]
+  # FFN and attention kernels of both blocks (experts included), never embeddings/router.
+  assert len(pruned) >= 8 and not any('embed' in k or 'router' in k for k in pruned)
+  assert all(abs(rows[-1][k] - 0.5) < 1e-3 for k in pruned)          # round(s * size) zeros
+  assert rows[0]['nonzero_params'] > rows[-1]['nonzero_params']
+  # Resuming restores the masks with the optimizer state: nothing grows back.
+  c.train.steps = 30
+  assert loop.train(c, tmp_path) == 0
+  rows = _rows(tmp_path)
+  assert [r['step'] for r in rows] == list(range(1, 31))
+  assert rows[-1]['nonzero_params'] == rows[19]['nonzero_params']
+
+
 def test_resume_reproduces_uninterrupted_run(tmp_path, data_dir):
   straight, split = tmp_path / 'straight', tmp_path / 'split'
   assert loop.train(_config(data_dir, steps=20, lr_decay_steps=20), straight) == 0
