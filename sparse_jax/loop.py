@@ -12,7 +12,6 @@ import time
 import grain
 import jax
 import ml_collections
-import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 from tqdm import tqdm

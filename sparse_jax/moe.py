@@ -156,21 +156,9 @@ class _Settings:
   ragged_apply: Callable = dataclasses.field(compare=False)
 
 
-def _routed(x, logits, weights, bias, *, cfg: _Settings):
-  """The routed FFN on the tokens one device holds.
-
-  x [B, L, D], logits f32[B, L, E], weights {name: [E/P, ...]}, bias f32[E].
-  Returns y [B, L, D] and additive routing statistics summed over all devices.
-  """
-  b, l, d = x.shape
-  e, k = cfg.num_experts, cfg.k
-  s = cfg.group_size or b * l
-  if (b * l) % s:
-    raise ValueError(f'group_size={s} must divide the {b * l} tokens each device holds '
-                     f'(per-device batch {b} x length {l}).')
-  g = b * l // s
-  xg, lg = x.reshape(g, s, d), logits.reshape(g, s, e)                  # [G, S, *]
-
+def route_groups(cfg: _Settings, logits: jax.Array, bias: jax.Array | None):
+  """Route G groups: logits f32[G, S, E] -> (RoutingPlan with fields [G, S, K], capacity C)."""
+  s, e, k = logits.shape[1], cfg.num_experts, cfg.k
   if cfg.routing == 'expert_choice':
     c = routing_lib.capacity(s, e, k, cfg.capacity_factor)
     route = functools.partial(routing_lib.route_expert_choice, capacity=c, causal=True,
@@ -180,7 +168,24 @@ def _routed(x, logits, weights, bias, *, cfg: _Settings):
     c = s if cfg.dispatch == 'dropless' else routing_lib.capacity(s, e, k, cfg.capacity_factor)
     route = functools.partial(routing_lib.route_top_k, k=k, capacity=c,
                               normalize_weights=cfg.normalize_weights, bias=bias)
-  rp = jax.vmap(route)(lg)                                              # [G, S, K]
+  return jax.vmap(route)(logits), c
+
+
+def _routed(x, logits, weights, bias, *, cfg: _Settings):
+  """The routed FFN on the tokens one device holds.
+
+  x [B, L, D], logits f32[B, L, E], weights {name: [E/P, ...]}, bias f32[E].
+  Returns y [B, L, D] and additive routing statistics summed over all devices.
+  """
+  b, l, d = x.shape
+  e = cfg.num_experts
+  s = cfg.group_size or b * l
+  if (b * l) % s:
+    raise ValueError(f'group_size={s} must divide the {b * l} tokens each device holds '
+                     f'(per-device batch {b} x length {l}).')
+  g = b * l // s
+  xg, lg = x.reshape(g, s, d), logits.reshape(g, s, e)                  # [G, S, *]
+  rp, c = route_groups(cfg, lg, bias)                                  # [G, S, K]
 
   if cfg.dispatch == 'dropless':
     flat = routing_lib.RoutingPlan(*(f.reshape(g * s, -1) for f in rp))
@@ -354,7 +359,7 @@ def _validate(*, num_experts, k, capacity_factor, dispatch, routing_name, balanc
 
 def _aux(stats, logits, cfg: _Settings) -> dict[str, jax.Array]:
   """Global routing metrics from the summed statistics of every device."""
-  n, e = stats['tokens'], cfg.num_experts
+  n = stats['tokens']
   demand = stats['demand'] / jnp.sum(stats['demand'])
   if cfg.routing == 'expert_choice':   # balanced by construction: nothing to penalise
     lb = jnp.zeros((), jnp.float32)

@@ -22,10 +22,9 @@ import numpy as np
 from flax import nnx
 
 from sparse_jax import dispatch as dispatch_lib
-from sparse_jax import routing as routing_lib
 from sparse_jax.models.attention import Attention
 from sparse_jax.models.transformer import RMSNorm
-from sparse_jax.moe import ACTIVATIONS, DenseFFN, MoE
+from sparse_jax.moe import ACTIVATIONS, DenseFFN, MoE, route_groups
 from sparse_jax.sharding import axis_size, token_axes
 
 DEFAULT_THRESHOLD = 1e-2
@@ -122,16 +121,8 @@ def _routed_rows(layer: MoE, h: jax.Array):
   s = st.group_size or b // shards * l
   g = b * l // s
   logits = layer.router(h, train=False).reshape(g, s, e)               # f32[G, S, E]
-  if st.routing == 'expert_choice':
-    c = routing_lib.capacity(s, e, st.k, st.capacity_factor)
-    route = functools.partial(routing_lib.route_expert_choice, capacity=c, causal=True,
-                              allow_lookahead=st.allow_lookahead)
-  else:
-    c = s if st.dispatch == 'dropless' else routing_lib.capacity(s, e, st.k, st.capacity_factor)
-    bias = layer.router.bias[...] if layer.balancing == 'loss_free' else None
-    route = functools.partial(routing_lib.route_top_k, k=st.k, capacity=c,
-                              normalize_weights=st.normalize_weights, bias=bias)
-  plan = jax.vmap(route)(logits)                                      # [G, S, K]
+  bias = layer.router.bias[...] if layer.balancing == 'loss_free' else None
+  plan, c = route_groups(st, logits, bias)                             # [G, S, K]
   sm = dispatch_lib.slot_map(plan, e, c)
   src, filled = sm.src.reshape(e, g * c), sm.filled.reshape(e, g * c)  # [E, N]
   # Slots are in priority order (choice-major); windows want token order.
