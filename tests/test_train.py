@@ -3,6 +3,7 @@ and 2 processes x 4 devices against 1 process x 8 devices."""
 import json
 import os
 import pathlib
+import shutil
 import signal
 import socket
 import subprocess
@@ -112,18 +113,25 @@ def test_pruning_in_training_logs_sparsity_and_resumes_with_masks(tmp_path, data
 
 
 def test_resume_reproduces_uninterrupted_run(tmp_path, data_dir):
-  straight, split = tmp_path / 'straight', tmp_path / 'split'
-  assert loop.train(_config(data_dir, steps=20, lr_decay_steps=20), straight) == 0
-  assert loop.train(_config(data_dir, steps=10, lr_decay_steps=20), split) == 0
-  assert loop.train(_config(data_dir, steps=20, lr_decay_steps=20), split) == 0
-  a, b = _rows(straight), _rows(split)
-  assert [r['step'] for r in b] == list(range(1, 21))
-  assert [r['loss'] for r in a] == [r['loss'] for r in b]          # exactly
-  assert _rows(straight, 'validation') [-1]['loss'] == _rows(split, 'validation')[-1]['loss']
-  pa, pb = _params(straight, 20), _params(split, 20)
-  assert pa.keys() == pb.keys() and len(pa) > 10
-  for k in pa:
-    np.testing.assert_array_equal(pa[k], pb[k], err_msg=str(k))
+  straight, split, mid = tmp_path / 'straight', tmp_path / 'split', tmp_path / 'mid'
+  run = lambda steps, d: loop.train(
+      _config(data_dir, steps=steps, lr_decay_steps=20, checkpoint_every=5), d)
+  assert run(20, straight) == 0
+  assert run(10, split) == 0 and run(20, split) == 0
+  # Also from a checkpoint written asynchronously in the middle of a run.
+  (mid / 'checkpoints').mkdir(parents=True)
+  shutil.copytree(straight / 'checkpoints' / '10', mid / 'checkpoints' / '10')
+  assert run(20, mid) == 0
+  a = _rows(straight)
+  for other in (split, mid):
+    b = _rows(other)
+    assert [r['step'] for r in b] == list(range(1 if other == split else 11, 21))
+    assert [r['loss'] for r in a[-len(b):]] == [r['loss'] for r in b]       # exactly
+    assert _rows(straight, 'validation')[-1]['loss'] == _rows(other, 'validation')[-1]['loss']
+    pa, pb = _params(straight, 20), _params(other, 20)
+    assert pa.keys() == pb.keys() and len(pa) > 10
+    for k in pa:
+      np.testing.assert_array_equal(pa[k], pb[k], err_msg=str(k))
 
 
 def test_sigkill_after_first_checkpoint_resumes_and_finishes(tmp_path, data_dir):
