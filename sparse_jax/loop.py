@@ -84,10 +84,9 @@ def build_state(config, mesh, model=None):
   if model is None:
     model = models.TransformerLM(config.model, config.moe, mesh=mesh,
                                  rngs=nnx.Rngs(config.seed))
-  sharding.put_params(model, mesh)
   opt = nnx.Optimizer(model, steps.make_optimizer(config), wrt=nnx.Param)
   graphdef, state = nnx.split((model, opt))
-  shardings = steps.state_shardings(state, mesh)
+  shardings = sharding.state_shardings(state, mesh)
   return graphdef, jax.device_put(state, shardings), shardings
 
 

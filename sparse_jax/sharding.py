@@ -102,14 +102,16 @@ def spec_for(mesh: Mesh, names: Sequence[str | None] | None) -> P:
   return P(*(n if n in mesh.axis_names else None for n in names))
 
 
+def state_shardings(state, mesh: Mesh):
+  """NamedShardings for every leaf of an nnx state, from its partition metadata."""
+  return jax.tree.map(lambda s: NamedSharding(mesh, spec_for(mesh, tuple(s))),
+                      nnx.get_partition_spec(state))
+
+
 def put_params(module: nnx.Module, mesh: Mesh) -> None:
-  """Move a module's variables onto the mesh, following their 'sharding' metadata."""
+  """Move a module's variables onto the mesh, following their partition metadata."""
   state = nnx.state(module)
-  specs = nnx.get_partition_spec(state)
-  placed = jax.tree.map(
-      lambda v, s: jax.device_put(v, NamedSharding(mesh, spec_for(mesh, tuple(s)))),
-      state, specs)
-  nnx.update(module, placed)
+  nnx.update(module, jax.device_put(state, state_shardings(state, mesh)))
 
 
 def initialize_distributed(coordinator_address: str | None = None,

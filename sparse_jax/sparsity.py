@@ -25,6 +25,7 @@ from sparse_jax import dispatch as dispatch_lib
 from sparse_jax.models.attention import Attention
 from sparse_jax.models.transformer import RMSNorm
 from sparse_jax.moe import ACTIVATIONS, DenseFFN, MoE, route_groups
+from sparse_jax.pruning.paths import plain_path
 from sparse_jax.sharding import axis_size, token_axes
 
 DEFAULT_THRESHOLD = 1e-2
@@ -229,22 +230,11 @@ def activation_sparsity(model, tokens: jax.Array, *, threshold: float = DEFAULT_
 
 # ------------------------------------------------------------ parameter accounting
 
-def _key(k) -> object:
-  for attr in ('key', 'name', 'idx'):
-    if hasattr(k, attr):
-      return getattr(k, attr)
-  return str(k)
-
-
 def _paths(tree) -> dict[tuple, object]:
   """{path of keys from the root: leaf}; a Variable's trailing 'value' is dropped and
   None leaves are kept (masks use None for leaves that are not pruned)."""
   flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is None)
-  out = {}
-  for path, leaf in flat:
-    p = tuple(_key(k) for k in path)
-    out[p[:-1] if p and p[-1] == 'value' else p] = leaf
-  return out
+  return {plain_path(path): leaf for path, leaf in flat}
 
 
 def _param_table(model):

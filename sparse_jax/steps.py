@@ -11,9 +11,6 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
-
-from sparse_jax.sharding import spec_for
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
@@ -45,23 +42,17 @@ def make_optimizer(config) -> optax.GradientTransformation:
 def sparsity_metrics(model, opt) -> dict[str, jax.Array]:
   """Zero fraction of every pruned leaf ('sparsity/<path>') and non-zero parameter count."""
   from sparse_jax import pruning
+  from sparse_jax.pruning.paths import path_str, plain_path
   masks = pruning.masks(opt.opt_state)
   out = {}
   leaves = jax.tree_util.tree_flatten_with_path(masks, is_leaf=lambda x: x is None)[0]
   for path, mask in leaves:
     if mask is not None:
-      name = '/'.join(str(getattr(k, 'key', getattr(k, 'idx', getattr(k, 'name', k))))
-                      for k in path if getattr(k, 'name', None) != 'value')
+      name = path_str(plain_path(path))
       out[f'sparsity/{name}'] = 1.0 - jnp.mean(mask.astype(jnp.float32))
   params = jax.tree.leaves(nnx.state(model, nnx.Param))
   out['nonzero_params'] = sum(jnp.count_nonzero(x) for x in params).astype(jnp.float32)
   return out
-
-
-def state_shardings(state, mesh: Mesh):
-  """NamedShardings for every leaf of an nnx state, from its partition metadata."""
-  return jax.tree.map(lambda s: NamedSharding(mesh, spec_for(mesh, tuple(s))),
-                      nnx.get_partition_spec(state))
 
 
 def lm_loss(model, batch, *, train: bool, lb_coef: float, z_coef: float):
