@@ -75,6 +75,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.pruning.scope = 'layer'         # layer | global
   c.pruning.n_m = ''                # 'N:M', e.g. '2:4'; '' for unstructured
   c.pruning.structure = ''          # '' | ffn_neurons | heads | experts
+  c.pruning.targets = 'all'         # all | ffn | attn: which kernels the pruner may touch
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1             # -1: the devices left over
@@ -225,6 +226,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int,
     need(pr.scope in ('layer', 'global'), f"pruning.scope={pr.scope!r} must be 'layer' or 'global'")
     need(pr.structure in ('', 'ffn_neurons', 'heads', 'experts'),
          f"pruning.structure={pr.structure!r} must be '', 'ffn_neurons', 'heads' or 'experts'")
+    need(pr.targets in ('all', 'ffn', 'attn'),
+         f"pruning.targets={pr.targets!r} must be 'all', 'ffn' or 'attn'")
     need(pr.update_every >= 1, f'pruning.update_every={pr.update_every} must be >= 1')
     need(pr.start_step >= 0, f'pruning.start_step={pr.start_step} must be >= 0')
     end = pruning_end_step(config)

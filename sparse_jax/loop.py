@@ -136,8 +136,24 @@ def _evaluate(eval_fn, state, config, mesh) -> dict:
   return out
 
 
-def train(config, workdir: pathlib.Path) -> int:
-  """Run (or resume) training; returns the process exit code."""
+def evaluate(config, model, mesh) -> dict:
+  """Validation loss (nats per token) and bits per byte of `model`, as train() reports them."""
+  graphdef, state = nnx.split(model)
+
+  def eval_step(state, batch):
+    _, (ce, _) = steps.lm_loss(nnx.merge(graphdef, state), batch, train=False,
+                               lb_coef=0.0, z_coef=0.0)
+    return {'loss': ce}
+
+  return _evaluate(jax.jit(eval_step), state, config, mesh)
+
+
+def train(config, workdir: pathlib.Path, progress: tqdm | None = None) -> int:
+  """Run (or resume) training; returns the process exit code.
+
+  progress: a caller's bar to advance one unit per step (e.g. one bar over many runs);
+  by default each run draws its own.
+  """
   lead = jax.process_index() == 0
   say = print if lead else (lambda *a, **k: None)
   workdir.mkdir(parents=True, exist_ok=True)
@@ -176,6 +192,8 @@ def train(config, workdir: pathlib.Path) -> int:
     state = _restore_keys(state, restored.state)
     say(f'resumed from step {start} in {workdir / "checkpoints"}')
   start = start or 0
+  if progress is not None and start:
+    progress.update(start)
 
   counts, flops = models.count_params(config), models.flops_per_token(config)
   say(f"data: {info['source']} fingerprint {json.dumps(info.get('fingerprint'))}")
@@ -197,7 +215,8 @@ def train(config, workdir: pathlib.Path) -> int:
   stop = {'sigterm': False}
   signal.signal(signal.SIGTERM, lambda *_: stop.update(sigterm=True))
   tokens_per_step = t.batch_size * t.seq_len
-  bar = tqdm(total=t.steps, initial=start, disable=not lead, unit='step', dynamic_ncols=True)
+  bar = progress or tqdm(total=t.steps, initial=start, disable=not lead, unit='step',
+                         dynamic_ncols=True)
   profiling, code, last = False, 0, time.perf_counter()
   step = start
   try:
@@ -245,6 +264,7 @@ def train(config, workdir: pathlib.Path) -> int:
       jax.profiler.stop_trace()
     ckpt.wait_until_finished()
     ckpt.close()
-    bar.close()
+    if progress is None:
+      bar.close()
     writer.close()
   return code

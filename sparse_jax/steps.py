@@ -31,12 +31,13 @@ def make_optimizer(config) -> optax.GradientTransformation:
     return tx
   from sparse_jax import pruning                  # the pruner owns the final update
   from sparse_jax.config import parse_n_m, pruning_end_step
+  from sparse_jax.pruning.paths import prunable_in
   extra = dict(structure=p.structure, num_heads=config.model.num_heads) if p.structure else {}
   return pruning.wrap(
       tx, sparsity=p.sparsity, method=p.method, schedule=p.schedule,
       start_step=p.start_step, end_step=pruning_end_step(config),
       update_every=p.update_every, distribution=p.distribution, scope=p.scope,
-      n_m=parse_n_m(p.n_m) if p.n_m else None, **extra)
+      n_m=parse_n_m(p.n_m) if p.n_m else None, prunable=prunable_in(p.get('targets', 'all')), **extra)
 
 
 def sparsity_metrics(model, opt) -> dict[str, jax.Array]:

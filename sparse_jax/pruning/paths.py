@@ -62,5 +62,13 @@ def default_prunable(path: tuple, leaf) -> bool:
           and not any(isinstance(k, str) and k in PROTECTED for k in path))
 
 
+def prunable_in(part: str):
+  """default_prunable restricted to one part of each block: 'ffn' (FFNs and experts),
+  'attn' (attention), or 'all'."""
+  if part == 'all':
+    return default_prunable
+  return lambda path, leaf: part in path and default_prunable(path, leaf)
+
+
 def path_str(path: tuple) -> str:
   return '/'.join(str(k) for k in path)
