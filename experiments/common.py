@@ -21,6 +21,7 @@ import contextlib  # noqa: E402
 import copy  # noqa: E402
 import csv  # noqa: E402
 import datetime  # noqa: E402
+import hashlib  # noqa: E402
 import json  # noqa: E402
 import pathlib  # noqa: E402
 import platform  # noqa: E402
@@ -44,7 +45,7 @@ RUNS = ROOT / 'runs'
 # Model and training sizes shared by the scripts. 'smoke' exists for the tests only.
 SIZES = {
     'smoke': dict(d_model=32, num_layers=2, num_heads=2, d_ff=64, batch_size=8, seq_len=32,
-                  steps=4, warmup_steps=1, eval_every=2, eval_batches=1),
+                  steps=3, warmup_steps=1, eval_every=1, eval_batches=1),
     'quick': dict(d_model=128, num_layers=4, num_heads=4, d_ff=512, batch_size=16,
                   seq_len=128, steps=200, warmup_steps=20, eval_every=25, eval_batches=4),
     'full': dict(d_model=128, num_layers=4, num_heads=4, d_ff=512, batch_size=16,
@@ -62,7 +63,7 @@ def sized(preset: str, **overrides):
     c.train[key] = s[key]
   c.train.lr = 2e-3
   c.train.log_every = 1
-  c.train.checkpoint_every = max(1, s['steps'] // 4)
+  c.train.checkpoint_every = min(s['steps'], max(10, s['steps'] // 4))
   c.train.keep_checkpoints = 1
   c.mesh.data, c.mesh.expert = 8, 1
   return c
@@ -82,6 +83,14 @@ def moe(c, num_experts=8, k=1, capacity_factor=1.25, expert_axis=8, **fields):
   return c
 
 
+def use_compilation_cache(runs_root: pathlib.Path):
+  """Persist compiled steps under the runs folder: the timing phase and reruns reuse
+  the training runs' executables instead of compiling them again."""
+  jax.config.update('jax_compilation_cache_dir', str(runs_root / '.jax_cache'))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+
+
 class RunError(RuntimeError):
   """A training run exited non-zero; its log names the cause."""
 
@@ -94,6 +103,7 @@ class Runner:
   """
 
   def __init__(self, study: str, total_steps: int, root: pathlib.Path = RUNS):
+    use_compilation_cache(root)
     self.root = root / study
     self.bar = tqdm(total=total_steps, unit='step', dynamic_ncols=True, desc=study)
 
@@ -110,7 +120,13 @@ class Runner:
       code = loop.train(config, workdir, progress=self.bar)
     if code:
       raise RunError(f'run {name} exited with {code}; see {workdir / "log.txt"}')
-    return read_run(workdir)
+    return read_run(workdir) | {'workdir': workdir}
+
+  def train_all(self, configs: dict) -> dict:
+    """{label: config} -> {label: result}. Workdirs are named by label and a hash of the
+    config, so scripts sharing a study reuse each other's identical runs."""
+    return {label: self.train(f'{label}-{hashlib.sha1(c.to_json().encode()).hexdigest()[:8]}', c)
+            for label, c in configs.items()}
 
   def close(self):
     self.bar.close()
@@ -249,3 +265,37 @@ def common_args(ap, default_preset='quick'):
   ap.add_argument('--runs', type=pathlib.Path, default=RUNS,
                   help='workdirs (checkpoints resume after a crash)')
   return ap
+
+
+def verdict(claim: str, holds: bool, evidence: str) -> str:
+  """One line saying whether a published trend holds in this run, with the numbers."""
+  return f"- {claim}: **{'holds' if holds else 'does not hold'}** here ({evidence}).\n"
+
+
+def run_study(study: str, preset: str, configs: dict, runs_root: pathlib.Path) -> dict:
+  """Train {label: config} under one progress bar; {label: result}."""
+  runner = Runner(f'{study}_{preset}', sum(c.train.steps for c in configs.values()),
+                  root=runs_root)
+  try:
+    return runner.train_all(configs)
+  finally:
+    runner.close()
+
+
+def validation_tokens(config, batches: int = 1) -> np.ndarray:
+  """The first `batches` validation batches' inputs, int32[batches * batch_size, seq_len]."""
+  it = data.make_iterator(config.data.source, 'validation', seq_len=config.train.seq_len,
+                          batch_size=config.train.batch_size, seed=0, shuffle=False,
+                          repeat=False, data_dir=config.data.data_dir or None)
+  out = [next(it)['inputs'] for _ in range(batches)]
+  it.close()
+  return np.concatenate(out)
+
+
+def load(result: dict):
+  """(config, model, mesh) of a finished run from Runner.train."""
+  config = json.loads((result['workdir'] / 'config.json').read_text())
+  mesh = sharding.make_mesh(config['mesh']['data'], config['mesh']['expert'],
+                            config['mesh']['model'])
+  config, model = loop.load_model(result['workdir'], mesh)
+  return config, model, mesh
