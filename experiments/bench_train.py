@@ -10,39 +10,20 @@ Batches are random tokens already on the mesh, so the numbers are the model's st
 """
 from __future__ import annotations
 
+import common  # noqa: F401  (first: sets up the 8 simulated devices)
+
+import argparse
+import json
 import os
+import pathlib
+import platform
 
-os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                           ' --xla_force_host_platform_device_count=8').strip()
+import jax
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import pathlib  # noqa: E402
-import platform  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-from sparse_jax import loop, models, sharding, steps  # noqa: E402
-from sparse_jax.config import load_config, validate  # noqa: E402
+from sparse_jax import models
+from sparse_jax.config import load_config, validate
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / 'configs'
-
-
-def step_fn(config):
-  """A jitted train step on config's mesh, its state and a batch placed on the mesh."""
-  mesh = sharding.make_mesh(config.mesh.data, config.mesh.expert, config.mesh.model)
-  graphdef, state, sh = loop.build_state(config, mesh)
-  fn = jax.jit(steps.make_train_step(graphdef, config),
-               in_shardings=(sh, sharding.batch_sharding(mesh)), out_shardings=(sh, None),
-               donate_argnums=0)
-  t = config.train
-  tokens = np.random.default_rng(0).integers(0, 256, (t.batch_size, t.seq_len + 1))
-  batch = sharding.put_batch({'inputs': tokens[:, :-1].astype(np.int32),
-                              'targets': tokens[:, 1:].astype(np.int32)}, mesh)
-  return fn, state, batch
 
 
 def main():
@@ -53,7 +34,7 @@ def main():
   a = ap.parse_args()
   variants = {'dense': ('dense.py', 8, 1), 'switch (expert axis 1)': ('switch.py', 8, 1),
               'switch (expert axis 8)': ('switch.py', 1, 8)}
-  runs = {}
+  configs = {}
   for name, (file, data, expert) in variants.items():
     c = load_config(CONFIGS / file)
     if a.quick:
@@ -63,31 +44,21 @@ def main():
       c.train.batch_size = 16
     c.mesh.data, c.mesh.expert = data, expert
     validate(c, jax.device_count())
-    fn, state, batch = step_fn(c)
-    runs[name] = dict(config=c, fn=fn, state=state, batch=batch, times=[])
+    configs[name] = c
   n = a.steps or (20 if a.quick else 8)
-  for r in runs.values():                                  # compile and warm up
-    for _ in range(2):
-      r['state'], m = r['fn'](r['state'], r['batch'])
-      jax.block_until_ready(m)
-  for _ in range(n):                                       # interleaved, so drift hits all
-    for r in runs.values():
-      t0 = time.perf_counter()
-      r['state'], m = r['fn'](r['state'], r['batch'])
-      jax.block_until_ready(m)
-      r['times'].append(time.perf_counter() - t0)
-  base = statistics.median(runs['dense']['times'])
+  sec = common.step_times(configs, n)
+  base = sec['dense']
   machine = (f'{platform.machine()}, {os.cpu_count()} CPU cores, '
              f'{jax.devices()[0].platform} x{jax.device_count()}, jax {jax.__version__}')
   rows = []
-  for name, r in runs.items():
-    c, sec = r['config'], statistics.median(r['times'])
+  for name, c in configs.items():
     counts, flops = models.count_params(c), models.flops_per_token(c)
     rows.append(dict(model=name, mesh=f"{c.mesh.data}x{c.mesh.expert}",
                      total_params=counts['total'], active_params=counts['active'],
                      train_flops_per_token=flops['train'],
-                     tokens_per_s_ratio=base / sec, step_time_ratio=sec / base))
-  c0 = runs['dense']['config']
+                     tokens_per_s_ratio=base / sec[name],
+                     step_time_ratio=sec[name] / base))
+  c0 = configs['dense']
   print(f"# LM train-step benchmark: d_model={c0.model.d_model} layers={c0.model.num_layers} "
         f"batch={c0.train.batch_size}x{c0.train.seq_len}; {machine}; median of {n} steps\n")
   print('| model | mesh (data x expert) | total params | active params / token | '

@@ -32,7 +32,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from sparse_jax import loop, models, sharding
+from sparse_jax import loop, models
 from sparse_jax.compaction import compact
 from common import curve_at, fmt, mean_std, steps_to
 
@@ -66,10 +66,10 @@ def model_configs(c) -> dict:
   return out
 
 
-def compacted(config, workdir):
-  """(compacted config, its model, masked val loss, compacted val loss) of a structured run."""
-  mesh = sharding.make_mesh(config.mesh.data, config.mesh.expert, config.mesh.model)
-  _, model = loop.load_model(workdir, mesh)
+def compacted(result):
+  """(compacted config, masked val loss, compacted val loss) of a finished structured run.
+  Kept neurons are the columns of wi [D, F] that pruning left non-zero."""
+  config, model, mesh = common.load(result)
   masked = loop.evaluate(config, model, mesh)['loss']
   kept = {}
   for i, block in enumerate(model.blocks):
@@ -101,8 +101,7 @@ def main(argv=None):
       config.seed = seed
       r = runner.train(f'{name}/seed{seed}', config)
       if name == 'structured':
-        small, r['masked_loss'], r['compacted_loss'] = compacted(
-            config, runner.root / f'{name}/seed{seed}')
+        small, r['masked_loss'], r['compacted_loss'] = compacted(r)
         runner.bar.write(f'structured seed {seed}: val loss masked {r["masked_loss"]:.5f}, '
                          f'compacted {r["compacted_loss"]:.5f}')
       results[name].append(r)
@@ -232,7 +231,7 @@ def plot(rows, sec, base, path):
     loss = np.array([[y for _, y in c] for c in r['curves']]).mean(0)
     axes[0].plot(steps * tokens * r['nonzero_train_flops'], loss, marker='.', label=r['model'])
     axes[1].plot(steps * sec[r['model']] / budget, loss, marker='.', label=r['model'])
-  axes[0].set(xscale='log', xlabel='training FLOPs (non-zero weights only)',
+  axes[0].set(xlabel='training FLOPs (non-zero weights only)',
               ylabel='validation loss (nats / byte)')
   axes[1].set(xlabel="wall-clock / dense-small's whole run", ylabel='validation loss (nats / byte)')
   for ax in axes:

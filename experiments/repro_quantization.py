@@ -21,7 +21,6 @@ import copy
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import qwix
 from flax import nnx
 

@@ -42,3 +42,12 @@ def test_errors_name_key_value_and_fix(key, value, devices, words):
   assert '\n' not in msg
   for w in words:
     assert w in msg, (w, msg)
+
+
+def test_pruning_targets_is_checked_when_pruning_is_on():
+  c = load_config(CONFIGS / 'dense.py')
+  c.pruning.targets = 'mlp'
+  validate(c, num_devices=8)                          # pruning off: not read
+  c.pruning.sparsity = 0.5
+  with pytest.raises(ConfigError, match="pruning.targets='mlp' must be 'all', 'ffn' or 'attn'"):
+    validate(c, num_devices=8)

@@ -474,3 +474,19 @@ def test_structured_masks_on_nnx_state(tiny_cfg):
   _, kept = pruning.structured_masks(state, 0.5, 'experts')
   assert set(kept) == {('blocks', 1, 'ffn', 'experts')} and kept[
       ('blocks', 1, 'ffn', 'experts')].shape == (2,)
+
+
+@pytest.mark.parametrize('targets,pruned_parts', [('ffn', {'ffn'}), ('attn', {'attn'}),
+                                                  ('all', {'ffn', 'attn'})])
+def test_config_targets_limit_pruning_to_one_part(tiny_cfg, targets, pruned_parts):
+  from sparse_jax import steps
+  from sparse_jax.pruning.paths import flatten
+  c = tiny_cfg.copy_and_resolve_references()
+  c.pruning.sparsity, c.pruning.schedule, c.pruning.targets = 0.5, 'one_shot', targets
+  model = _tiny(c)
+  _train(model, steps.make_optimizer(c), 1)
+  for path, value in zip(*flatten(nnx.state(model, nnx.Param))[:2]):
+    if path[-1] in ('wi', 'wo', 'wq', 'wk', 'wv') and 'router' not in path:
+      part = 'attn' if 'attn' in path else 'ffn'
+      zeros = float(np.mean(np.asarray(value) == 0))
+      assert zeros == (0.5 if part in pruned_parts else 0.0), (path, zeros)
