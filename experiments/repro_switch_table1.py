@@ -67,6 +67,11 @@ def main(argv=None):
                 all(r['quality'] > by['dense']['quality'] for r in sw + t2),
                 f"dense {fmt(by['dense']['quality'])}, worst MoE "
                 f"{fmt(min(r['quality'] for r in sw + t2))}")
+  md += verdict('Quality rises with the capacity factor (paper: top-2 -1.572 at cf 1.0 -> '
+                '-1.547 at 2.0; switch -1.561 -> -1.554)',
+                all(fam[2]['quality'] > fam[0]['quality'] for fam in (sw, t2)),
+                f"top-2 {fmt(t2[0]['quality'])} -> {fmt(t2[2]['quality'])}, switch "
+                f"{fmt(sw[0]['quality'])} -> {fmt(sw[2]['quality'])}")
   md += verdict('A larger capacity factor drops fewer tokens',
                 all(x['dropped_fraction'] >= y['dropped_fraction']
                     for fam in (sw, t2) for x, y in zip(fam, fam[1:])),
