@@ -299,3 +299,9 @@ def load(result: dict):
                             config['mesh']['model'])
   config, model = loop.load_model(result['workdir'], mesh)
   return config, model, mesh
+
+
+def describe(c) -> str:
+  """'200 steps of 16x128 bytes, d_model 128, 4 layers' for a table's preamble."""
+  return (f'{c.train.steps} steps of {c.train.batch_size}x{c.train.seq_len} bytes, d_model '
+          f'{c.model.d_model}, {c.model.num_layers} layers')

@@ -55,9 +55,8 @@ def main(argv=None):
       rows.append(dict(activation=act, when=when, val_loss=r['val_loss'] if when == 'trained'
                        else None, **probe(model, tokens)))
   md = common.header('Activation sparsity: ReLU vs GELU', meta)
-  md += (f"{base.train.steps} steps of {base.train.batch_size}x{base.train.seq_len} bytes, "
-         f"d_model {base.model.d_model}, d_ff {base.model.d_ff}, {base.model.num_layers} dense "
-         f'blocks; probed on {tokens.shape[0]}x{tokens.shape[1]} validation tokens.\n\n')
+  md += (common.describe(base) + f" (dense), d_ff {base.model.d_ff}; probed on "
+         f'{tokens.shape[0]}x{tokens.shape[1]} validation tokens.\n\n')
   md += common.table(
       ['activation', 'when', 'active units / token', 'dead units', 'active in 64 tokens',
        'val loss'],

@@ -37,8 +37,7 @@ def main(argv=None):
                      steps_to_e1=steps_to(r['curve'], target),
                      dropped_fraction=r.get('dropped_fraction', 0.0)))
   md = common.header('Expert count at fixed FLOPs per token', meta)
-  md += (f"{base.train.steps} steps of {base.train.batch_size}x{base.train.seq_len} bytes, "
-         f"d_model {base.model.d_model}, top-1, cf 1.25, MoE in every other block.\n\n")
+  md += (common.describe(base) + ", top-1, cf 1.25, MoE in every other block.\n\n")
   md += common.table(
       ['experts', 'total params', 'train FLOPs / token', 'val loss', "steps to E=1's loss",
        'dropped'],

@@ -41,8 +41,7 @@ def main(argv=None):
                      paper_quality=PAPER[scale][0], paper_std=PAPER[scale][1]))
   small, big = rows
   md = common.header('Switch initialisation scale', meta)
-  md += (f"{base.train.steps} steps of {base.train.batch_size}x{base.train.seq_len} bytes, "
-         f"d_model {base.model.d_model}, 8 experts top-1; quality = −val loss, mean ± std over "
+  md += (common.describe(base) + f", 8 experts top-1; quality = −val loss, mean ± std over "
          f"seeds {list(SEEDS)}. Paper: Switch-Base, 32 experts, 3.5k steps [V].\n\n")
   md += common.table(
       ['init scale', 'quality', 'per seed', 'max violation', 'paper quality'],

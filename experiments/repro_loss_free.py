@@ -34,8 +34,7 @@ def main(argv=None):
                router_entropy=r['router_entropy']) for name, r in res.items()]
   none, aux, free = rows
   md = common.header('Loss-free balancing vs aux-loss balancing', meta)
-  md += (f"{base.train.steps} steps of {base.train.batch_size}x{base.train.seq_len} bytes, "
-         f"d_model {base.model.d_model}, switch top-1 over 8 experts, cf 1.25; routing "
+  md += (common.describe(base) + ", switch top-1 over 8 experts, cf 1.25; routing "
          'metrics averaged over the last 20% of training steps.\n\n')
   md += common.table(
       ['balancing', 'max violation', 'dropped', 'router entropy', 'val loss'],

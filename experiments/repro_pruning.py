@@ -55,8 +55,7 @@ def main(argv=None):
                      val_loss=r['val_loss'], bpb=r['bpb']))
   part1, part2 = rows[:len(PART1)], [rows[0]] + rows[len(PART1):]
   md = common.header('GMP magnitude pruning', meta)
-  md += (f"{base.train.steps} steps of {base.train.batch_size}x{base.train.seq_len} bytes, "
-         f"d_model {base.model.d_model}, {base.model.num_layers} layers; non-zero params "
+  md += (common.describe(base) + "; non-zero params "
          'counted from the trained weights (embeddings excluded).\n\n'
          '## Part 1: one model, rising sparsity (all FFN and attention kernels)\n\n')
   md += common.table(

@@ -100,8 +100,7 @@ def main(argv=None):
           rows.append(dict(model=f'dense: {order}', fp32=fp32, order=True,
                            **{bits: loop.evaluate(config, m, mesh)['loss']}))
   md = common.header('Post-training quantisation with qwix', meta)
-  md += (f"{base.train.steps} steps of {base.train.batch_size}x{base.train.seq_len} bytes, "
-         f"d_model {base.model.d_model}; validation loss (nats per byte) on "
+  md += (common.describe(base) + f"; validation loss (nats per byte) on "
          f"{base.train.eval_batches} batches; weight-only, per-channel absmax.\n\n")
   md += common.table(
       ['model', 'fp32', 'int8', 'int4', 'max abs logit gap to qwix.quantize_model (int8, int4)'],

@@ -49,8 +49,7 @@ def main(argv=None):
                      paper_speed_ratio=PAPER['dense'][1] / PAPER[name][1]))
   by = {r['model']: r for r in rows}
   md = common.header('Switch Transformer Table 1 at small scale', meta)
-  md += (f"{base.train.steps} steps of {base.train.batch_size}x{base.train.seq_len} bytes, "
-         f"d_model {base.model.d_model}, {base.model.num_layers} layers, 8 experts; paper: "
+  md += (common.describe(base) + ", 8 experts; paper: "
          'T5-Base, 128 experts, 100k steps (Table 1 [V]). Paper step time = examples/s of '
          'T5-Base / examples/s of the model.\n\n')
   md += common.table(

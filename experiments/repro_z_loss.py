@@ -47,8 +47,7 @@ def main(argv=None):
                      paper=PAPER[coef]))
   off, on = rows
   md = common.header('Router z-loss', meta)
-  md += (f"{base.train.steps} steps of {base.train.batch_size}x{base.train.seq_len} bytes, "
-         f"d_model {base.model.d_model}, top-2 over 8 experts; z-loss term = mean over tokens "
+  md += (common.describe(base) + f", top-2 over 8 experts; z-loss term = mean over tokens "
          f"of logsumexp(logits)², averaged over the last 20% of training steps; mean ± std "
          f"over seeds {list(SEEDS)}.\n\n")
   md += common.table(
