@@ -1,13 +1,13 @@
 """The main job: dense vs MoE vs pruned language models under matched compute.
 
   python experiments/compare.py --preset=quick   # 1 seed, ~15 min on 2 CPU cores
-  python experiments/compare.py --preset=full    # 3 seeds, 1.5x the tokens
+  python experiments/compare.py --preset=full    # 3 seeds, 1.25x the tokens
 
 Every model trains on the same tokens (same data seed) with the same optimizer on 8
 simulated CPU devices; the MoE models run expert-parallel (expert axis 8). Models, all
 relative to dense-small (d_ff = 4 d_model):
 
-  dense-small   the baseline
+  dense-small   the baseline (every model uses Switch's 0.1x init scale)
   switch        top-1 over 8 experts, cf 1.25, MoE in every other block (same FLOPs/token)
   top2-half     top-2 over 8 experts of half width (same FLOPs/token)
   top2-full     top-2 over 8 full-width experts (same total params as switch, more FLOPs)
