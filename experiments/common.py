@@ -109,7 +109,7 @@ class Runner:
     self.root = root / study
     self.bar = tqdm(total=total_steps, unit='step', dynamic_ncols=True, desc=study)
 
-  def train(self, name: str, config) -> dict:
+  def train(self, name: str, config, label: str | None = None) -> dict:
     validate(config, jax.device_count())
     workdir = self.root / name
     saved = workdir / 'config.json'
@@ -117,17 +117,17 @@ class Runner:
       shutil.rmtree(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     saved.write_text(config.to_json())
-    self.bar.set_description(name)
+    self.bar.set_description(label or name)
     with open(workdir / 'log.txt', 'a') as log, contextlib.redirect_stdout(log):
       code = loop.train(config, workdir, progress=self.bar)
     if code:
-      raise RunError(f'run {name} exited with {code}; see {workdir / "log.txt"}')
+      raise RunError(f'run {label or name} exited with {code}; see {workdir / "log.txt"}')
     return read_run(workdir) | {'workdir': workdir}
 
   def train_all(self, configs: dict) -> dict:
-    """{label: config} -> {label: result}. Workdirs are named by label and a hash of the
-    config, so scripts sharing a study reuse each other's identical runs."""
-    return {label: self.train(f'{label}-{hashlib.sha1(c.to_json().encode()).hexdigest()[:8]}', c)
+    """{label: config} -> {label: result}. Workdirs are named by a hash of the config, so
+    identical configs (in one script or across scripts sharing a study) train once."""
+    return {label: self.train(hashlib.sha1(c.to_json().encode()).hexdigest()[:12], c, label)
             for label, c in configs.items()}
 
   def close(self):

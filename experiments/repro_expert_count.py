@@ -52,7 +52,8 @@ def main(argv=None):
   md += verdict('More experts reach the 1-expert loss sooner (paper: 64 experts 7.5x sooner)',
                 rows[-1]['steps_to_e1'] is not None and
                 rows[-1]['steps_to_e1'] < rows[0]['steps_to_e1'],
-                f"E=16 at step {rows[-1]['steps_to_e1']} vs E=1 at {rows[0]['steps_to_e1']}")
+                f"E=16 at step {fmt(rows[-1]['steps_to_e1'], digits=0)} vs E=1 at "
+                f"{fmt(rows[0]['steps_to_e1'], digits=0)}")
   common.write_results(f'expert_count_{a.preset}', md, rows, meta, a.out)
   print(md)
 
