@@ -63,7 +63,7 @@ def sized(preset: str, **overrides):
     c.train[key] = s[key]
   c.train.lr = 2e-3
   # Switch's 0.1x init for every model, dense ones too, so that a dense-vs-MoE gap is not an
-  # init gap (a 1-expert "MoE" at 0.1x beat the dense model at 1x by 0.07 nats here).
+  # init gap (quick preset, seed 0: the dense model reached 2.030 at 0.1x vs 2.049 at 1x).
   c.model.init_scale = 0.1
   c.train.log_every = 1
   c.train.checkpoint_every = min(s['steps'], max(10, s['steps'] // 4))
