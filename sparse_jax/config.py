@@ -1,18 +1,26 @@
-"""Configs: defaults, loading config files, and validate() before any compile.
+"""Configs at one boundary: defaults, config files, validate(), and resolve() to specs.
 
 Config files live in configs/ (each has get_config()); they start from base_config() or
 from a sibling file through load_config(). validate() checks every cross-field constraint
-and raises ConfigError with one sentence naming the key, the value and what is valid.
+and raises ConfigError with one sentence per problem naming the key, the value and what
+is valid. resolve() then turns the ConfigDict into frozen specs with every default
+filled in (ModelSpec, MoESpec, TrainSpec, PruningSpec, ...): models, accounting,
+compaction, upcycling and the trainer take specs, never a ConfigDict. Checkpoints keep
+the ConfigDict itself (as JSON); from_saved() reads it back, filling keys added since.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
-import math
 import pathlib
 
 import ml_collections
 
+from sparse_jax import pruning, routing
 from sparse_jax.dispatch import BACKENDS
+from sparse_jax.layers import ACTIVATIONS
+from sparse_jax.moe import BALANCING, EXPERT_COMPUTE, ROUTINGS
+from sparse_jax.sharding import mesh_sizes
 
 def base_config() -> ml_collections.ConfigDict:
   """Defaults: a small byte-level decoder LM on the embedded corpus, dense FFNs."""
@@ -51,7 +59,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.moe.balancing = 'aux_loss'  # aux_loss | loss_free
   c.moe.bias_rate = 1e-3
   c.moe.router_jitter = 0.0
-  c.moe.init_scale = 0.0       # 0 -> model.init_scale
+  c.moe.init_scale = 0.0       # 0 -> model.init_scale (experts and shared expert)
+  c.moe.router_init_scale = 0.0  # 0 -> the experts' init scale
+  c.moe.expert_compute = 'auto'  # auto (loop on CPU, batched elsewhere) | loop | batched
   c.moe.load_balance_coef = 0.01
   c.moe.z_loss_coef = 1e-3
   # Renormalise the K combine weights; None -> k >= 2 (True turns k=1 weights into 1).
@@ -62,12 +72,12 @@ def base_config() -> ml_collections.ConfigDict:
   # upcycling (every expert a copy of the dense FFN; fresh router). Ignored on resume.
   c.init.upcycle_from = ''
   c.init.upcycle_noise = 0.0        # relative std of noise added to each expert copy
-  c.init.router_init_scale = 0.01   # small router: near-uniform routing at the start
+  c.init.router_init_scale = 0.01   # the upcycled routers' init scale: near-uniform start
 
   c.pruning = ml_collections.ConfigDict()
   c.pruning.sparsity = 0.0          # > 0 turns the pruner on (sparse_jax.pruning.wrap)
-  c.pruning.method = 'magnitude'    # magnitude | random | saliency
-  c.pruning.schedule = 'gmp'        # gmp (cubic, Zhu & Gupta) | one_shot
+  c.pruning.method = 'magnitude'    # pruning.METHODS
+  c.pruning.schedule = 'gmp'        # pruning.SCHEDULES: gmp (cubic, Zhu & Gupta), one_shot
   c.pruning.start_step = 0
   c.pruning.end_step = 0            # 0 -> 3/4 of train.steps
   c.pruning.update_every = 100
@@ -111,41 +121,223 @@ def load_config(path: str | pathlib.Path) -> ml_collections.ConfigDict:
   return module.get_config()
 
 
+def from_saved(saved: dict) -> ml_collections.ConfigDict:
+  """A ConfigDict from a checkpoint's saved JSON, on top of today's defaults (so a
+  checkpoint written before a key existed reads with that key's default)."""
+  c = base_config()
+
+  def merge(dst, src, prefix):
+    for key, value in src.items():
+      if key not in dst:
+        raise ConfigError(f'saved config key {prefix + key!r} is unknown to this version')
+      if isinstance(dst[key], ml_collections.ConfigDict):
+        merge(dst[key], value, prefix + key + '.')
+      else:
+        dst[key] = value
+
+  merge(c, saved, '')
+  return c
+
+
 def parse_n_m(text: str) -> tuple[int, int]:
   """'2:4' -> (2, 4)."""
   n, m = text.split(':')
   return int(n), int(m)
 
 
-def pruning_end_step(config) -> int:
+class ConfigError(ValueError):
+  """A config value that cannot work; the message is one line."""
+
+
+# ---------------------------------------------------------------------------- specs
+
+@dataclasses.dataclass(frozen=True)
+class MoESpec:
+  """The MoE blocks of a model, every default resolved."""
+  num_experts: int
+  k: int
+  capacity_factor: float
+  dispatch: str
+  routing: str
+  allow_lookahead: bool
+  moe_every: int
+  moe_offset: int
+  d_ff: int
+  shared_d_ff: int                 # 0: no shared expert
+  group_size: int | None           # None: the tokens one device holds
+  balancing: str
+  bias_rate: float
+  router_jitter: float
+  init_scale: float
+  router_init_scale: float
+  normalize_weights: bool
+  expert_compute: str | None       # None: moe.default_expert_compute() where it runs
+  load_balance_coef: float
+  z_loss_coef: float
+
+  def layer_kwargs(self) -> dict:
+    """Keyword arguments of sparse_jax.moe.MoE beyond d_model, d_ff and num_experts."""
+    return dict(k=self.k, capacity_factor=self.capacity_factor, dispatch=self.dispatch,
+                routing=self.routing, allow_lookahead=self.allow_lookahead,
+                normalize_weights=self.normalize_weights, group_size=self.group_size,
+                balancing=self.balancing, bias_rate=self.bias_rate,
+                router_jitter=self.router_jitter, init_scale=self.init_scale,
+                router_init_scale=self.router_init_scale,
+                shared_d_ff=self.shared_d_ff or None, expert_compute=self.expert_compute)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  """The decoder LM, every default resolved; moe is None for an all-dense model."""
+  vocab_size: int
+  d_model: int
+  num_layers: int
+  num_heads: int
+  head_dim: int
+  d_ff: int
+  activation: str
+  tie_embeddings: bool
+  init_scale: float
+  param_dtype: str
+  moe: MoESpec | None
+
+  def is_moe_block(self, i: int) -> bool:
+    """Block i is MoE when i >= moe_offset and (i - moe_offset) % moe_every == 0."""
+    m = self.moe
+    return m is not None and i >= m.moe_offset and (i - m.moe_offset) % m.moe_every == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSpec:
+  steps: int
+  batch_size: int
+  seq_len: int
+  lr: float
+  warmup_steps: int
+  lr_decay_steps: int
+  min_lr_ratio: float
+  weight_decay: float
+  b1: float
+  b2: float
+  grad_clip: float
+  log_every: int
+  eval_every: int
+  eval_batches: int
+  checkpoint_every: int
+  keep_checkpoints: int
+
+
+@dataclasses.dataclass(frozen=True)
+class PruningSpec:
+  """The keyword arguments of sparse_jax.pruning.wrap (see wrap_kwargs)."""
+  sparsity: float
+  method: str
+  schedule: str
+  start_step: int
+  end_step: int
+  update_every: int
+  distribution: str
+  scope: str
+  n_m: tuple[int, int] | None
+  structure: str | None
+  targets: str
+
+  def wrap_kwargs(self, num_heads: int) -> dict:
+    extra = dict(structure=self.structure, num_heads=num_heads) if self.structure else {}
+    return dict(sparsity=self.sparsity, method=self.method, schedule=self.schedule,
+                start_step=self.start_step, end_step=self.end_step,
+                update_every=self.update_every, distribution=self.distribution,
+                scope=self.scope, n_m=self.n_m,
+                prunable=pruning.paths.prunable_in(self.targets), **extra)
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+  """A whole run: what sparse_jax.training takes."""
+  seed: int
+  profile_steps: int
+  data_source: str
+  data_dir: str | None
+  model: ModelSpec
+  mesh: dict                       # {'data', 'expert', 'model'}: sizes, no -1
+  train: TrainSpec
+  pruning: PruningSpec | None      # None: no pruner
+  upcycle_from: str | None
+  upcycle_noise: float
+  upcycle_router_init_scale: float
+
+
+def model_spec(config: ml_collections.ConfigDict) -> ModelSpec:
+  """The ModelSpec of config.model and config.moe (no validation; resolve() validates)."""
+  m, moe = config.model, config.moe
+  moe_spec = None
+  if moe.num_experts > 0:
+    init = moe.init_scale or m.init_scale
+    moe_spec = MoESpec(
+        num_experts=moe.num_experts, k=moe.k, capacity_factor=moe.capacity_factor,
+        dispatch=moe.dispatch, routing=moe.routing, allow_lookahead=moe.allow_lookahead,
+        moe_every=moe.moe_every, moe_offset=moe.moe_offset, d_ff=moe.d_ff or m.d_ff,
+        shared_d_ff=moe.shared_d_ff, group_size=moe.group_size or None,
+        balancing=moe.balancing, bias_rate=moe.bias_rate, router_jitter=moe.router_jitter,
+        init_scale=init, router_init_scale=moe.router_init_scale or init,
+        normalize_weights=(moe.k >= 2 if moe.normalize_weights is None
+                           else moe.normalize_weights),
+        expert_compute=None if moe.expert_compute == 'auto' else moe.expert_compute,
+        load_balance_coef=moe.load_balance_coef, z_loss_coef=moe.z_loss_coef)
+  return ModelSpec(
+      vocab_size=m.vocab_size, d_model=m.d_model, num_layers=m.num_layers,
+      num_heads=m.num_heads, head_dim=m.head_dim or m.d_model // m.num_heads, d_ff=m.d_ff,
+      activation=m.activation, tie_embeddings=m.tie_embeddings, init_scale=m.init_scale,
+      param_dtype=m.param_dtype, moe=moe_spec)
+
+
+def resolve(config: ml_collections.ConfigDict, num_devices: int,
+            num_processes: int = 1) -> Spec:
+  """validate(config), then the frozen Spec with every default resolved."""
+  validate(config, num_devices, num_processes)
+  t, p = config.train, config.pruning
+  prune = None
+  if p.sparsity > 0 or p.n_m:
+    prune = PruningSpec(
+        sparsity=p.sparsity, method=p.method, schedule=p.schedule, start_step=p.start_step,
+        end_step=_pruning_end_step(config), update_every=p.update_every,
+        distribution=p.distribution, scope=p.scope,
+        n_m=parse_n_m(p.n_m) if p.n_m else None, structure=p.structure or None,
+        targets=p.targets)
+  train = TrainSpec(**{f.name: t[f.name] for f in dataclasses.fields(TrainSpec)
+                       if f.name != 'lr_decay_steps'},
+                    lr_decay_steps=t.lr_decay_steps or t.steps)
+  return Spec(
+      seed=config.seed, profile_steps=config.profile_steps,
+      data_source=config.data.source, data_dir=config.data.data_dir or None,
+      model=model_spec(config), train=train, pruning=prune,
+      mesh=mesh_sizes(config.mesh.data, config.mesh.expert, config.mesh.model,
+                      num_devices=num_devices),
+      upcycle_from=config.init.upcycle_from or None,
+      upcycle_noise=config.init.upcycle_noise,
+      upcycle_router_init_scale=config.init.router_init_scale)
+
+
+def _pruning_end_step(config) -> int:
   """pruning.end_step, or 3/4 of training when it is 0 (leave time to recover)."""
   return config.pruning.end_step or max(config.pruning.start_step + 1,
                                         3 * config.train.steps // 4)
 
 
-class ConfigError(ValueError):
-  """A config value that cannot work; the message is one line."""
-
-
-def _mesh_sizes(mesh_cfg, num_devices):
-  sizes = {'data': mesh_cfg.data, 'expert': mesh_cfg.expert, 'model': mesh_cfg.model}
-  free = [a for a, v in sizes.items() if v == -1]
-  fixed = math.prod(v for v in sizes.values() if v != -1)
-  if len(free) == 1 and fixed > 0 and num_devices % fixed == 0:
-    sizes[free[0]] = num_devices // fixed
-  return sizes
-
+# ------------------------------------------------------------------------- validate
 
 def validate(config: ml_collections.ConfigDict, num_devices: int,
              num_processes: int = 1) -> None:
   """Raise ConfigError naming every bad key, its value and what would be valid."""
-  from sparse_jax.moe import ACTIVATIONS, BALANCING, ROUTINGS   # avoid an import cycle
   m, moe, t, mesh = config.model, config.moe, config.train, config.mesh
   problems = []
 
   def need(ok, msg):
     if not ok:
       problems.append(msg)
+
+  def choice(key, value, allowed):
+    need(value in allowed, f'{key}={value!r} must be one of {tuple(allowed)}')
 
   for key in ('vocab_size', 'd_model', 'num_layers', 'num_heads', 'd_ff'):
     need(m[key] >= 1, f'model.{key}={m[key]} must be >= 1')
@@ -155,10 +347,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int,
     need(m.d_model % m.num_heads == 0 and (m.d_model // m.num_heads) % 2 == 0,
          f'model.d_model={m.d_model} must be model.num_heads={m.num_heads} times an even '
          'head dimension')
-  need(m.activation in ACTIVATIONS,
-       f'model.activation={m.activation!r} must be one of {sorted(ACTIVATIONS)}')
-  need(m.param_dtype in ('float32', 'bfloat16'),
-       f"model.param_dtype={m.param_dtype!r} must be 'float32' or 'bfloat16'")
+  choice('model.activation', m.activation, ACTIVATIONS)
+  choice('model.param_dtype', m.param_dtype, ('float32', 'bfloat16'))
   need(m.init_scale > 0, f'model.init_scale={m.init_scale} must be > 0')
 
   need(moe.num_experts >= 0, f'moe.num_experts={moe.num_experts} must be >= 0 (0 = dense)')
@@ -166,13 +356,15 @@ def validate(config: ml_collections.ConfigDict, num_devices: int,
     need(1 <= moe.k <= moe.num_experts,
          f'moe.k={moe.k} must be between 1 and moe.num_experts={moe.num_experts}')
     need(moe.capacity_factor > 0, f'moe.capacity_factor={moe.capacity_factor} must be > 0')
-    need(moe.dispatch in BACKENDS, f'moe.dispatch={moe.dispatch!r} must be one of {BACKENDS}')
-    need(moe.routing in ROUTINGS, f'moe.routing={moe.routing!r} must be one of {ROUTINGS}')
-    need(moe.routing != 'expert_choice' or moe.allow_lookahead,
-         "moe.routing='expert_choice' sees future tokens in a causal LM; use 'top_k' or "
-         'set moe.allow_lookahead=True')
-    need(moe.balancing in BALANCING,
-         f'moe.balancing={moe.balancing!r} must be one of {BALANCING}')
+    choice('moe.dispatch', moe.dispatch, BACKENDS)
+    choice('moe.routing', moe.routing, ROUTINGS)
+    choice('moe.balancing', moe.balancing, BALANCING)
+    choice('moe.expert_compute', moe.expert_compute, ('auto',) + EXPERT_COMPUTE)
+    if moe.routing == 'expert_choice':
+      try:
+        routing.check_expert_choice(causal=True, allow_lookahead=moe.allow_lookahead)
+      except ValueError as e:
+        need(False, f'moe.routing={moe.routing!r}: {e} (moe.allow_lookahead)'.rstrip('.'))
     need(moe.moe_every >= 1, f'moe.moe_every={moe.moe_every} must be >= 1')
     need(0 <= moe.moe_offset < m.num_layers,
          f'moe.moe_offset={moe.moe_offset} must be in [0, model.num_layers={m.num_layers}) '
@@ -184,17 +376,14 @@ def validate(config: ml_collections.ConfigDict, num_devices: int,
          "parallel dropless needs ragged_all_to_all; use moe.dispatch='index'")
     for key in ('d_ff', 'shared_d_ff', 'group_size'):
       need(moe[key] >= 0, f'moe.{key}={moe[key]} must be >= 0 (0 = default)')
+    for key in ('init_scale', 'router_init_scale'):
+      need(moe[key] >= 0, f'moe.{key}={moe[key]} must be >= 0 (0 = default)')
 
-  sizes = {'data': mesh.data, 'expert': mesh.expert, 'model': mesh.model}
-  free = [a for a, v in sizes.items() if v == -1]
-  bad = [f'mesh.{a}={v}' for a, v in sizes.items() if v != -1 and v < 1]
-  need(not bad and len(free) <= 1,
-       f"mesh sizes must be >= 1 with at most one -1 (got {', '.join(bad) or sizes})")
-  sizes = _mesh_sizes(mesh, num_devices)
-  if not bad and len(free) <= 1:
-    need(math.prod(sizes.values()) == num_devices,
-         f'mesh data x expert x model = {sizes} must multiply to the {num_devices} devices '
-         '(use -1 for one axis to take the rest)')
+  sizes = None
+  try:
+    sizes = mesh_sizes(mesh.data, mesh.expert, mesh.model, num_devices=num_devices)
+  except ValueError as e:
+    need(False, f'mesh.data/expert/model: {e}')
 
   for key in ('steps', 'batch_size', 'seq_len', 'log_every', 'eval_every',
               'eval_batches', 'checkpoint_every', 'keep_checkpoints'):
@@ -203,8 +392,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int,
     need(t[key] >= 0, f'train.{key}={t[key]} must be >= 0')
   need(t.lr > 0, f'train.lr={t.lr} must be > 0')
   need(0 <= t.min_lr_ratio <= 1, f'train.min_lr_ratio={t.min_lr_ratio} must be in [0, 1]')
-  shards = sizes['data'] * sizes['expert']
-  if t.batch_size >= 1 and shards >= 1:
+  if sizes is not None and t.batch_size >= 1:
+    shards = sizes['data'] * sizes['expert']
     need(t.batch_size % shards == 0,
          f'train.batch_size={t.batch_size} must be divisible by mesh.data x mesh.expert '
          f'= {shards} (the token shards)')
@@ -217,20 +406,15 @@ def validate(config: ml_collections.ConfigDict, num_devices: int,
   pr = config.pruning
   need(0 <= pr.sparsity < 1, f'pruning.sparsity={pr.sparsity} must be in [0, 1) (0 = off)')
   if pr.sparsity > 0 or pr.n_m:
-    need(pr.method in ('magnitude', 'random', 'saliency'),
-         f"pruning.method={pr.method!r} must be 'magnitude', 'random' or 'saliency'")
-    need(pr.schedule in ('gmp', 'one_shot'),
-         f"pruning.schedule={pr.schedule!r} must be 'gmp' or 'one_shot'")
-    need(pr.distribution in ('uniform', 'erk'),
-         f"pruning.distribution={pr.distribution!r} must be 'uniform' or 'erk'")
-    need(pr.scope in ('layer', 'global'), f"pruning.scope={pr.scope!r} must be 'layer' or 'global'")
-    need(pr.structure in ('', 'ffn_neurons', 'heads', 'experts'),
-         f"pruning.structure={pr.structure!r} must be '', 'ffn_neurons', 'heads' or 'experts'")
-    need(pr.targets in ('all', 'ffn', 'attn'),
-         f"pruning.targets={pr.targets!r} must be 'all', 'ffn' or 'attn'")
+    choice('pruning.method', pr.method, pruning.METHODS)
+    choice('pruning.schedule', pr.schedule, pruning.SCHEDULES)
+    choice('pruning.distribution', pr.distribution, pruning.DISTRIBUTIONS)
+    choice('pruning.scope', pr.scope, pruning.SCOPES)
+    choice('pruning.structure', pr.structure, ('',) + pruning.STRUCTURE_KINDS)
+    choice('pruning.targets', pr.targets, pruning.TARGETS)
     need(pr.update_every >= 1, f'pruning.update_every={pr.update_every} must be >= 1')
     need(pr.start_step >= 0, f'pruning.start_step={pr.start_step} must be >= 0')
-    end = pruning_end_step(config)
+    end = _pruning_end_step(config)
     need(pr.schedule != 'gmp' or end > pr.start_step,
          f'pruning.end_step={end} must be > pruning.start_step={pr.start_step} for gmp')
     if pr.n_m:

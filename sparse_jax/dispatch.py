@@ -1,14 +1,22 @@
-"""Dispatch and combine backends over one RoutingPlan: pure functions for one group.
+"""Dispatch and combine backends over a RoutingPlan: pure functions.
 
-Shape legend: S tokens in the group, K choices per token, E experts, C capacity,
-D d_model, N = S*K routed rows (dropless). Layers vmap these over groups G.
+Shape legend: G groups, S tokens per group, K choices per token, E experts, C capacity,
+D d_model, N = S*K routed rows (dropless).
 
-  'index'    gather tokens into [E, C, D] slots, run experts, gather back and sum over
-             K. Forward and backward are gathers only (custom VJPs), so the result is
-             deterministic and fast on CPU, and memory is linear in S.
-  'einsum'   GShard one-hot dispatch/combine tensors [S, E, C]: the readable reference,
-             quadratic in S (C grows with S).
-  'dropless' sort the S*K choices by expert and run jax.lax.ragged_dot; no capacity.
+Capacity backends share one signature and one slot layout, expert-major [E, G*C, D]
+(so expert parallelism splits the buffer along E with no transpose):
+
+  dispatch(x [G, S, D], plan [G, S, K], num_experts, capacity) -> (slots [E, G*C, D], ctx)
+  combine(out [E, G*C, D], plan, ctx) -> y [G, S, D]       (a single group: drop the G)
+
+  'index'    gathers tokens into slots and back, summing over K. Forward and backward
+             are gathers only (custom VJPs): deterministic, fast on CPU, memory linear
+             in S.
+  'einsum'   GShard one-hot dispatch/combine tensors [G, S, E, C]: the readable
+             reference, quadratic in S (C grows with S).
+
+'dropless' has no capacity and no slots: it sorts the S*K choices by expert and runs a
+grouped matmul (jax.lax.ragged_dot).
 """
 from __future__ import annotations
 
@@ -18,8 +26,6 @@ import jax
 import jax.numpy as jnp
 
 from sparse_jax.routing import RoutingPlan
-
-BACKENDS = ('index', 'einsum', 'dropless')
 
 
 # ------------------------------------------------------------------------------ index
@@ -143,25 +149,43 @@ def index_combine(out: jax.Array, plan: RoutingPlan, m: SlotMap) -> jax.Array:
 # ----------------------------------------------------------------------------- einsum
 
 def einsum_masks(plan: RoutingPlan, num_experts: int, capacity: int):
-  """One-hot dispatch bool[S, E, C] and combine f32[S, E, C] tensors (GShard)."""
-  onehot_e = jax.nn.one_hot(plan.expert, num_experts, dtype=jnp.float32)   # [S, K, E]
+  """One-hot dispatch bool[..., S, E, C] and combine f32[..., S, E, C] tensors (GShard)."""
+  onehot_e = jax.nn.one_hot(plan.expert, num_experts, dtype=jnp.float32)   # [., S, K, E]
   # jax.nn.one_hot gives all zeros for slot >= C, so dropped choices vanish here.
-  onehot_c = jax.nn.one_hot(plan.slot, capacity, dtype=jnp.float32)        # [S, K, C]
+  onehot_c = jax.nn.one_hot(plan.slot, capacity, dtype=jnp.float32)        # [., S, K, C]
   onehot_c = onehot_c * plan.kept[..., None]
-  dispatch = jnp.einsum('ske,skc->sec', onehot_e, onehot_c)
-  combine = jnp.einsum('ske,skc,sk->sec', onehot_e, onehot_c, plan.weight)
+  dispatch = jnp.einsum('...ske,...skc->...sec', onehot_e, onehot_c)
+  combine = jnp.einsum('...ske,...skc,...sk->...sec', onehot_e, onehot_c, plan.weight)
   return dispatch, combine
 
 
 def einsum_dispatch(x, plan, num_experts, capacity):
-  """x [S, D] -> (slots [E, C, D], combine tensor [S, E, C])."""
+  """x [G, S, D] (or [S, D]) -> (slots [E, G*C, D], combine tensor [G, S, E, C])."""
   dispatch, combine = einsum_masks(plan, num_experts, capacity)
-  return jnp.einsum('sec,sd->ecd', dispatch.astype(x.dtype), x), combine
+  d = x.shape[-1]
+  xg, dispatch = x.reshape((-1,) + x.shape[-2:]), dispatch.reshape((-1,) + dispatch.shape[-3:])
+  slots = jnp.einsum('gsec,gsd->egcd', dispatch.astype(x.dtype), xg)
+  return slots.reshape(num_experts, -1, d), combine
 
 
-def einsum_combine(out, combine):
-  """out [E, C, D], combine [S, E, C] -> y [S, D]."""
-  return jnp.einsum('sec,ecd->sd', combine.astype(out.dtype), out)
+def einsum_combine(out, plan, combine):
+  """out [E, G*C, D], combine [G, S, E, C] -> y [G, S, D] (or [S, D] for one group)."""
+  e, _, d = out.shape
+  cg = combine.reshape((-1,) + combine.shape[-3:])                          # [G, S, E, C]
+  g, _, _, c = cg.shape
+  y = jnp.einsum('gsec,egcd->gsd', cg.astype(out.dtype), out.reshape(e, g, c, d))
+  return y.reshape(plan.weight.shape[:-1] + (d,))
+
+
+class Backend(NamedTuple):
+  """A capacity backend: the dispatch and combine halves (signatures above)."""
+  dispatch: Callable
+  combine: Callable
+
+
+CAPACITY_BACKENDS = {'index': Backend(index_dispatch, index_combine),
+                     'einsum': Backend(einsum_dispatch, einsum_combine)}
+BACKENDS = (*CAPACITY_BACKENDS, 'dropless')
 
 
 # --------------------------------------------------------------------------- dropless

@@ -1,30 +1,125 @@
-"""Causal multi-head self-attention with rotary position embeddings (RoPE).
+"""Dense building blocks: parameter init, the FFN rule, DenseFFN, RMSNorm, RoPE, attention.
 
-Shape legend: B batch, L length, D d_model, N heads, H head dim (N * H = D unless the
-model was compacted after head pruning).
+Shape legend (the project's, see the README): B batch, L length, D d_model, F d_ff,
+H heads, Dh head dim (H * Dh = D unless the model was compacted after head pruning),
+N rows (tokens flattened).
 """
 from __future__ import annotations
+
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 
-from sparse_jax.params import weight
+from sparse_jax.sharding import spec_for
 
+ACTIVATIONS = ('gelu', 'relu', 'swiglu')
+
+
+def weight(key, shape, *, init_scale: float = 1.0, dtype=jnp.float32,
+           names: Sequence[str | None], mesh: Mesh | None = None) -> nnx.Param:
+  """Truncated-normal kernel with variance init_scale / fan_in (Switch uses 0.1).
+
+  Axis -2 is the input (fan-in) axis, axis -1 the output; leading axes (stacked experts)
+  are independent. `names` are the partition names per axis ('expert', 'model' or
+  None), kept as metadata; with a mesh the value is placed now, so a module can be built
+  with or without `jax.set_mesh`.
+  """
+  init = jax.nn.initializers.variance_scaling(
+      init_scale, 'fan_in', 'truncated_normal', in_axis=-2, out_axis=-1,
+      batch_axis=tuple(range(len(shape) - 2)))
+  value = init(key, shape, dtype)
+  if mesh is not None:
+    value = jax.device_put(value, NamedSharding(mesh, spec_for(mesh, names)))
+  return nnx.Param(value, out_sharding=tuple(names), eager_sharding=False)
+
+
+# ------------------------------------------------------------------------- the FFN rule
+
+def check_activation(activation: str) -> None:
+  if activation not in ACTIVATIONS:
+    raise ValueError(f'activation={activation!r} is unknown; use one of {ACTIVATIONS}.')
+
+
+def ffn_weight_names(activation: str) -> tuple[str, ...]:
+  return ('wi', 'wi_gate', 'wo') if activation == 'swiglu' else ('wi', 'wo')
+
+
+def _matmul(x, w):
+  return jnp.einsum('nd,df->nf', x, w)
+
+
+def ffn_hidden(w: dict[str, jax.Array], x: jax.Array, activation: str,
+               matmul: Callable = _matmul) -> jax.Array:
+  """The hidden units that multiply wo. x [N, D] -> [N, F].
+
+  act(x @ wi) for gelu (jax.nn.gelu's default approximation) and relu;
+  silu(x @ wi_gate) * (x @ wi) for swiglu. `matmul(x, w)` lets the dropless path use a
+  grouped matmul with the same rule.
+  """
+  h = matmul(x, w['wi'])
+  if activation == 'swiglu':
+    return jax.nn.silu(matmul(x, w['wi_gate'])) * h
+  return {'gelu': jax.nn.gelu, 'relu': jax.nn.relu}[activation](h)
+
+
+def ffn(w: dict[str, jax.Array], x: jax.Array, activation: str,
+        matmul: Callable = _matmul) -> jax.Array:
+  """ffn_hidden(x) @ wo. x [N, D] -> [N, D]."""
+  return matmul(ffn_hidden(w, x, activation, matmul), w['wo'])
+
+
+class DenseFFN(nnx.Module):
+  """Dense FFN, x [..., D] -> [..., D]: every dense block, the shared expert, the
+  benchmarks' baseline. Hidden units are split over the mesh axis 'model'."""
+
+  def __init__(self, d_model: int, d_ff: int, *, activation: str = 'gelu',
+               init_scale: float = 1.0, param_dtype=jnp.float32,
+               mesh: Mesh | None = None, rngs: nnx.Rngs):
+    check_activation(activation)
+    self.activation = activation
+    for name in ffn_weight_names(activation):
+      shape, names = ((d_ff, d_model), ('model', None)) if name == 'wo' else (
+          (d_model, d_ff), (None, 'model'))
+      setattr(self, name, weight(rngs.params(), shape, init_scale=init_scale,
+                                 dtype=param_dtype, names=names, mesh=mesh))
+
+  def weights(self) -> dict[str, jax.Array]:
+    return {n: getattr(self, n)[...] for n in ffn_weight_names(self.activation)}
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return ffn(self.weights(), x.reshape(-1, x.shape[-1]), self.activation).reshape(x.shape)
+
+
+class RMSNorm(nnx.Module):
+  def __init__(self, d: int, eps: float = 1e-6):
+    self.scale = nnx.Param(jnp.ones((d,), jnp.float32), out_sharding=(None,),
+                           eager_sharding=False)
+    self.eps = eps
+
+  def __call__(self, x):
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 ** 2, axis=-1, keepdims=True) + self.eps)
+    return (y * self.scale[...]).astype(x.dtype)
+
+
+# --------------------------------------------------------------------------- attention
 
 def rope(x: jax.Array, theta: float = 10_000.0) -> jax.Array:
-  """Rotate channel pairs (i, i + H/2) by position-dependent angles. x [B, L, N, H]."""
+  """Rotate channel pairs (i, i + Dh/2) by position-dependent angles. x [B, L, H, Dh]."""
   l, h = x.shape[1], x.shape[-1]
-  freq = theta ** (-jnp.arange(0, h // 2, dtype=jnp.float32) / (h // 2))   # [H/2]
-  angle = jnp.arange(l, dtype=jnp.float32)[:, None] * freq                # [L, H/2]
+  freq = theta ** (-jnp.arange(0, h // 2, dtype=jnp.float32) / (h // 2))   # [Dh/2]
+  angle = jnp.arange(l, dtype=jnp.float32)[:, None] * freq                # [L, Dh/2]
   cos, sin = jnp.cos(angle)[None, :, None, :], jnp.sin(angle)[None, :, None, :]
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
 
 
 class Attention(nnx.Module):
-  """x [B, L, D] -> [B, L, D]. Heads are split over the mesh axis 'model'."""
+  """Causal multi-head self-attention with RoPE. x [B, L, D] -> [B, L, D].
+  Heads are split over the mesh axis 'model'."""
 
   def __init__(self, d_model: int, num_heads: int, *, head_dim: int | None = None,
                init_scale: float = 1.0, param_dtype=jnp.float32, mesh: Mesh | None = None,
@@ -45,6 +140,6 @@ class Attention(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     b, l, d = x.shape
     q, k, v = (jnp.einsum('bld,dk->blk', x, w[...]).reshape(b, l, self.num_heads, -1)
-               for w in (self.wq, self.wk, self.wv))                    # [B, L, N, H]
+               for w in (self.wq, self.wk, self.wv))                    # [B, L, H, Dh]
     out = jax.nn.dot_product_attention(rope(q), rope(k), v, is_causal=True)
     return jnp.einsum('blk,kd->bld', out.reshape(b, l, -1), self.wo[...])

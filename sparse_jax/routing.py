@@ -3,7 +3,7 @@
 Shape legend: S tokens in the group, E experts, K experts per token, C capacity
 (slots per expert). Router logits are always float32.
 
-Semantics (the contract in DESIGN.md):
+Semantics (the README's "Routing semantics"):
   * probs = softmax(logits); an optional selection bias [E] shifts the scores used to
     *pick* experts (loss-free balancing) but never the combine weights.
   * K == 1: weight = probs[e] (Switch). K >= 2: weights renormalised over the chosen K
@@ -88,16 +88,13 @@ def route_top_k(logits: jax.Array, k: int, capacity: int, *,
                      slot=slot.astype(jnp.int32), kept=kept)
 
 
-def route_expert_choice(logits: jax.Array, capacity: int, *, causal: bool,
-                        allow_lookahead: bool = False) -> RoutingPlan:
+def route_expert_choice(logits: jax.Array, capacity: int) -> RoutingPlan:
   """Expert choice (Zhou et al. 2022): each expert takes its top-C tokens.
 
   Expressed as a RoutingPlan with K = E (choice j of a token is expert j), so every
-  dispatch backend serves it. Expert choice ranks a token against the whole group,
-  including later positions, so it leaks the future in a causal LM: refused there
-  unless allow_lookahead=True.
+  dispatch backend serves it. It ranks a token against the whole group, later positions
+  included: see check_expert_choice for where that is allowed.
   """
-  check_expert_choice(causal, allow_lookahead)
   s, e = logits.shape
   probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)          # [S, E]
   # rank[s, e] = position of token s in expert e's order by descending probability.
@@ -110,6 +107,8 @@ def route_expert_choice(logits: jax.Array, capacity: int, *, causal: bool,
 
 
 def check_expert_choice(causal: bool, allow_lookahead: bool) -> None:
+  """The one place the expert-choice policy lives: in a causal model a token's output
+  would depend on later tokens, so it is refused unless the leak is asked for."""
   if causal and not allow_lookahead:
     raise ValueError(
         'Expert-choice routing ranks every token of the group, so in a causal model a '
@@ -157,15 +156,16 @@ def router_entropy(probs: jax.Array) -> jax.Array:
   return jnp.mean(-jnp.sum(probs * jnp.log(jnp.clip(probs, 1e-30)), axis=-1))
 
 
-def expert_load(expert: jax.Array, num_experts: int,
-                kept: jax.Array | None = None) -> jax.Array:
-  """Fraction of choices routed to each expert, f32[E] summing to 1.
-
-  With kept given, only kept choices count (and the fractions are of kept choices).
-  """
+def expert_counts(expert: jax.Array, num_experts: int,
+                  kept: jax.Array | None = None) -> jax.Array:
+  """Choices per expert, f32[E]: all of them, or only the kept ones. expert i32[..., K]."""
   w = jnp.ones(expert.shape, jnp.float32) if kept is None else kept.astype(jnp.float32)
-  counts = jnp.sum(jax.nn.one_hot(expert, num_experts, dtype=jnp.float32) * w[..., None],
-                   axis=tuple(range(expert.ndim)))
+  return jnp.sum(jax.nn.one_hot(expert, num_experts, dtype=jnp.float32) * w[..., None],
+                 axis=tuple(range(expert.ndim)))
+
+
+def expert_load(counts: jax.Array) -> jax.Array:
+  """Counts per expert f32[E] -> fractions summing to 1 (all zeros stay zeros)."""
   return counts / jnp.maximum(jnp.sum(counts), 1.0)
 
 
@@ -174,9 +174,40 @@ def max_violation(load: jax.Array) -> jax.Array:
   return jnp.max(load) / jnp.mean(load) - 1.0
 
 
-def dropped_fraction(kept: jax.Array) -> jax.Array:
-  """Fraction of token choices that found no slot."""
-  return 1.0 - jnp.mean(kept.astype(jnp.float32))
+def dropped_fraction(kept_counts: jax.Array, demand_counts: jax.Array) -> jax.Array:
+  """Share of token choices that found no slot, from expert_counts with and without kept."""
+  return 1.0 - jnp.sum(kept_counts) / jnp.sum(demand_counts)
+
+
+def routing_stats(logits: jax.Array, plan: RoutingPlan) -> dict[str, jax.Array]:
+  """Additive statistics of routed groups, so shards can psum them before routing_metrics.
+
+  logits f32[..., S, E], plan fields [..., S, K].
+  """
+  e = logits.shape[-1]
+  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+  first, prob_sum, n = balance_stats(probs, plan.expert)
+  return dict(first_counts=first, prob_sum=prob_sum, tokens=n,
+              demand=expert_counts(plan.expert, e),
+              kept=expert_counts(plan.expert, e, plan.kept),
+              entropy_sum=router_entropy(probs) * n)
+
+
+def routing_metrics(stats: dict[str, jax.Array], *,
+                    expert_choice: bool = False) -> dict[str, jax.Array]:
+  """Metrics from (summed) routing_stats: load_balance_loss, dropped_fraction,
+  expert_load [E] (share of all K choices asking for each expert, before capacity),
+  max_violation, router_entropy. Expert choice is balanced by construction: its balance
+  loss is 0 and its load is that of the kept choices."""
+  if expert_choice:
+    lb, load = jnp.zeros((), jnp.float32), expert_load(stats['kept'])
+  else:
+    lb = balance_loss_from_stats(stats['first_counts'], stats['prob_sum'], stats['tokens'])
+    load = expert_load(stats['demand'])
+  return {'load_balance_loss': lb,
+          'dropped_fraction': dropped_fraction(stats['kept'], stats['demand']),
+          'expert_load': load, 'max_violation': max_violation(load),
+          'router_entropy': stats['entropy_sum'] / stats['tokens']}
 
 
 def update_balance_bias(bias: jax.Array, load: jax.Array, rate: float) -> jax.Array:

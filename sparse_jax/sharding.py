@@ -17,6 +17,32 @@ AXES = ('data', 'expert', 'model')
 TOKEN_AXES = ('data', 'expert')
 
 
+def mesh_sizes(data: int = -1, expert: int = 1, model: int = 1, *,
+               num_devices: int) -> dict[str, int]:
+  """{'data', 'expert', 'model'} sizes with the one -1 ("the rest") filled in.
+
+  Raises ValueError naming the sizes when they cannot cover num_devices exactly.
+  """
+  sizes = {'data': data, 'expert': expert, 'model': model}
+  free = [a for a, v in sizes.items() if v == -1]
+  bad = [f'{a}={v}' for a, v in sizes.items() if v != -1 and v < 1]
+  if bad or len(free) > 1:
+    what = ', '.join(bad) if bad else f'{len(free)} axes set to -1'
+    raise ValueError(f'mesh sizes must be positive, with at most one -1 ("the rest"); '
+                     f'got {what} in {sizes}')
+  fixed = math.prod(v for v in sizes.values() if v != -1)
+  if free:
+    if num_devices % fixed:
+      raise ValueError(f'mesh sizes {sizes}: the fixed axes multiply to {fixed}, which '
+                       f'does not divide the {num_devices} devices')
+    sizes[free[0]] = num_devices // fixed
+  total = math.prod(sizes.values())
+  if total != num_devices:
+    raise ValueError(f'mesh sizes {sizes} multiply to {total} but there are '
+                     f'{num_devices} devices; make them match or use -1 for one axis')
+  return sizes
+
+
 def make_mesh(data: int = -1, expert: int = 1, model: int = 1, *,
               devices: Sequence[jax.Device] | None = None,
               axis_types: str = 'auto') -> Mesh:
@@ -26,23 +52,7 @@ def make_mesh(data: int = -1, expert: int = 1, model: int = 1, *,
   (jax's sharding-in-types). Raises ValueError when the sizes do not fit the devices.
   """
   devices = list(jax.devices() if devices is None else devices)
-  sizes = {'data': data, 'expert': expert, 'model': model}
-  free = [a for a, v in sizes.items() if v == -1]
-  bad = [f'{a}={v}' for a, v in sizes.items() if v != -1 and v < 1]
-  if bad or len(free) > 1:
-    what = ', '.join(bad) if bad else f'{len(free)} axes set to -1'
-    raise ValueError(f'Mesh sizes must be positive, with at most one -1 ("the rest"); '
-                     f'got {what} in {sizes}.')
-  fixed = math.prod(v for v in sizes.values() if v != -1)
-  if free:
-    if len(devices) % fixed:
-      raise ValueError(f'Mesh sizes {sizes}: the fixed axes multiply to {fixed}, which '
-                       f'does not divide the {len(devices)} devices.')
-    sizes[free[0]] = len(devices) // fixed
-  total = math.prod(sizes.values())
-  if total != len(devices):
-    raise ValueError(f'Mesh sizes {sizes} multiply to {total} but there are '
-                     f'{len(devices)} devices; make them match or use -1 for one axis.')
+  sizes = mesh_sizes(data, expert, model, num_devices=len(devices))
   if axis_types not in ('auto', 'explicit'):
     raise ValueError(f"axis_types={axis_types!r}; use 'auto' or 'explicit'.")
   kind = AxisType.Auto if axis_types == 'auto' else AxisType.Explicit

@@ -1,4 +1,4 @@
-"""Train a dense or MoE language model: the command line of DESIGN.md.
+"""Train a dense or MoE language model from the command line.
 
   python -m sparse_jax.train --config=configs/switch.py --workdir=runs/switch \
       [--config.train.steps=500 ...] [--cpu_devices=8]
@@ -40,15 +40,15 @@ def main(argv=None):
     config = _CONFIG.value
     if config is not None:
       config = config.copy_and_resolve_references()      # loads the file now, not later
-  except (KeyError, AttributeError) as e:               # an override of a missing key
+  except flags.Error as e:                               # flag syntax and values
+    _die(e)
+  except (KeyError, AttributeError) as e:                # an override of a missing key
     key = str(e.args[0]).strip('\'"')
     flag = next((a for a in argv if a.startswith('--config.') and key in a), key)
     _die(f'unknown config key {key!r} in {flag}; the keys and their defaults are in '
          'sparse_jax/config.py (base_config)')
-  except Exception as e:                                 # flag syntax, file errors, types
-    if 'Failed loading config file' in str(e):
-      e = 'cannot load the --config file: ' + str(e).splitlines()[-1].strip()
-    _die(e if isinstance(e, (flags.Error, str)) else f'{type(e).__name__}: {e}')
+  except OSError as e:                                   # the config file itself
+    _die('cannot load the --config file: ' + str(e).splitlines()[-1].strip())
   logging.set_verbosity(logging.ERROR)                   # tfds' info/warning chatter
   if config is None:
     _die('--config is required, e.g. --config=configs/switch.py')
@@ -58,8 +58,7 @@ def main(argv=None):
   import jax                                             # after flags: device setup
   if FLAGS.cpu_devices:
     jax.config.update('jax_num_cpu_devices', FLAGS.cpu_devices)
-  multi = FLAGS.multihost or FLAGS.coordinator_address or FLAGS.num_processes
-  if multi:
+  if FLAGS.multihost or FLAGS.coordinator_address or FLAGS.num_processes:
     from sparse_jax.sharding import initialize_distributed
     initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
 
@@ -68,10 +67,10 @@ def main(argv=None):
     validate(config, jax.device_count(), jax.process_count())
   except ConfigError as e:
     _die(e)
-  from sparse_jax import loop
+  from sparse_jax.training import checkpoint, loop
   try:
     code = loop.train(config, pathlib.Path(FLAGS.workdir))
-  except loop.DataError as e:
+  except (loop.DataError, checkpoint.NoCheckpointError) as e:
     _die(e)
   sys.exit(code)
 

@@ -7,8 +7,9 @@ import pytest
 from flax import nnx
 
 from sparse_jax import models
-from sparse_jax.compaction import compact
-from sparse_jax.config import base_config
+from sparse_jax.analysis import accounting
+from sparse_jax.config import base_config, model_spec
+from sparse_jax.pruning.compaction import compact
 
 
 def _config(num_experts=0):
@@ -47,12 +48,12 @@ def _mask(model, kept, head_dim):
 @pytest.mark.parametrize('num_experts', [0, 4])
 def test_compacted_logits_equal_masked_logits(num_experts):
   c = _config(num_experts)
-  model = models.TransformerLM(c.model, c.moe, rngs=nnx.Rngs(0))
+  model = models.TransformerLM(model_spec(c), rngs=nnx.Rngs(0))
   kept = _kept(c, n_ffn=16, n_heads=2)
   _mask(model, kept, head_dim=8)
-  new_config, new_state = compact(c, nnx.state(model), kept)
-  assert (new_config.model.d_ff, new_config.model.num_heads, new_config.model.head_dim) == (16, 2, 8)
-  small = models.TransformerLM(new_config.model, new_config.moe, rngs=nnx.Rngs(1))
+  new_spec, new_state = compact(model_spec(c), nnx.state(model), kept)
+  assert (new_spec.d_ff, new_spec.num_heads, new_spec.head_dim) == (16, 2, 8)
+  small = models.TransformerLM(new_spec, rngs=nnx.Rngs(1))
   nnx.update(small, new_state)
   tokens = jax.random.randint(jax.random.key(0), (2, 16), 0, 256)
   np.testing.assert_allclose(small(tokens)[0], model(tokens)[0], atol=2e-5, rtol=1e-5)
@@ -60,7 +61,7 @@ def test_compacted_logits_equal_masked_logits(num_experts):
   n = lambda m: sum(x.size for x in jax.tree.leaves(nnx.state(m, nnx.Param)))
   dense_blocks = 2 if num_experts == 0 else 1
   assert n(model) - n(small) == dense_blocks * 2 * 32 * 48 + 2 * 4 * 32 * 16
-  counts = models.count_params(new_config)
+  counts = accounting.params_from_config(new_spec)
   assert n(small) == counts['total'] + counts['embedding']
 
 
@@ -68,15 +69,15 @@ def test_structured_pruning_masks_then_compaction():
   """sparse_jax.pruning's group scores pick the neurons and heads; compact() keeps them."""
   from sparse_jax import pruning
   c = _config()
-  model = models.TransformerLM(c.model, c.moe, rngs=nnx.Rngs(0))
+  model = models.TransformerLM(model_spec(c), rngs=nnx.Rngs(0))
   params = nnx.state(model, nnx.Param)
   _, kept_ffn = pruning.structured_masks(params, 0.75, 'ffn_neurons')
   _, kept_heads = pruning.structured_masks(params, 0.5, 'heads', num_heads=4)
   kept = {**kept_ffn, **kept_heads}
   assert {len(v) for v in kept_ffn.values()} == {16} and {len(v) for v in kept_heads.values()} == {2}
   _mask(model, kept, head_dim=8)
-  new_config, new_state = compact(c, nnx.state(model), kept)
-  small = models.TransformerLM(new_config.model, new_config.moe, rngs=nnx.Rngs(1))
+  new_spec, new_state = compact(model_spec(c), nnx.state(model), kept)
+  small = models.TransformerLM(new_spec, rngs=nnx.Rngs(1))
   nnx.update(small, new_state)
   tokens = jax.random.randint(jax.random.key(0), (2, 16), 0, 256)
   np.testing.assert_allclose(small(tokens)[0], model(tokens)[0], atol=2e-5, rtol=1e-5)
@@ -84,13 +85,13 @@ def test_structured_pruning_masks_then_compaction():
 
 def test_optimizer_state_is_compacted_too():
   c = _config()
-  model = models.TransformerLM(c.model, c.moe, rngs=nnx.Rngs(0))
+  model = models.TransformerLM(model_spec(c), rngs=nnx.Rngs(0))
   opt = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
   grads = jax.tree.map(jnp.ones_like, nnx.state(model, nnx.Param))
   opt.update(model, grads)
   kept = _kept(c, n_ffn=16, n_heads=2)
-  new_config, new_state = compact(c, nnx.state((model, opt)), kept)
-  small = models.TransformerLM(new_config.model, new_config.moe, rngs=nnx.Rngs(1))
+  new_spec, new_state = compact(model_spec(c), nnx.state((model, opt)), kept)
+  small = models.TransformerLM(new_spec, rngs=nnx.Rngs(1))
   small_opt = nnx.Optimizer(small, optax.adam(1e-3), wrt=nnx.Param)
   nnx.update((small, small_opt), new_state)              # shapes and structure match
   idx = np.sort(kept[('blocks', 0, 'ffn')])
@@ -102,8 +103,8 @@ def test_optimizer_state_is_compacted_too():
 
 def test_uneven_counts_are_refused():
   c = _config()
-  model = models.TransformerLM(c.model, c.moe, rngs=nnx.Rngs(0))
+  model = models.TransformerLM(model_spec(c), rngs=nnx.Rngs(0))
   kept = _kept(c, n_ffn=16, n_heads=2)
   kept[('blocks', 1, 'ffn')] = np.arange(20)
   with pytest.raises(ValueError, match=r'same number of kept FFN neurons.*\[16, 20\]'):
-    compact(c, nnx.state(model), kept)
+    compact(model_spec(c), nnx.state(model), kept)

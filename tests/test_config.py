@@ -3,7 +3,9 @@ import pathlib
 
 import pytest
 
-from sparse_jax.config import ConfigError, load_config, validate
+import dataclasses
+
+from sparse_jax.config import ConfigError, base_config, from_saved, load_config, resolve, validate
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / 'configs'
 
@@ -25,7 +27,7 @@ def test_switch_and_top2_are_what_they_say():
     ('train.batch_size', 6, 8, ['train.batch_size=6', '8']),
     ('train.seq_len', 0, 8, ['train.seq_len=0', '>= 1']),
     ('moe.dispatch', 'scatter', 8, ["moe.dispatch='scatter'", 'index']),
-    ('mesh.data', 3, 8, ['multiply to the 8 devices']),
+    ('mesh.data', 3, 8, ['mesh.data/expert/model', 'there are 8 devices']),
     ('moe.capacity_factor', 0.0, 8, ['moe.capacity_factor=0.0', '> 0']),
     ('moe.routing', 'expert_choice', 8, ['allow_lookahead']),
     ('data.source', 'hub:x', 8, ["data.source='hub:x'", 'tfds:NAME']),
@@ -49,5 +51,40 @@ def test_pruning_targets_is_checked_when_pruning_is_on():
   c.pruning.targets = 'mlp'
   validate(c, num_devices=8)                          # pruning off: not read
   c.pruning.sparsity = 0.5
-  with pytest.raises(ConfigError, match="pruning.targets='mlp' must be 'all', 'ffn' or 'attn'"):
+  with pytest.raises(ConfigError, match=r"pruning.targets='mlp' must be one of \('all', 'ffn', 'attn'\)"):
     validate(c, num_devices=8)
+
+
+def test_resolve_fills_every_default_once():
+  c = load_config(CONFIGS / 'top2.py')
+  c.mesh.data, c.mesh.expert = -1, 4
+  spec = resolve(c, num_devices=8)
+  m = spec.model
+  assert spec.mesh == {'data': 2, 'expert': 4, 'model': 1}
+  assert m.head_dim == c.model.d_model // c.model.num_heads
+  assert m.moe.d_ff == c.model.d_ff and m.moe.group_size is None
+  assert m.moe.normalize_weights is True                   # k = 2
+  assert m.moe.init_scale == m.moe.router_init_scale == c.model.init_scale == 0.1
+  assert m.moe.expert_compute is None                      # 'auto': chosen where it runs
+  assert [m.is_moe_block(i) for i in range(4)] == [False, True, False, True]
+  assert spec.train.lr_decay_steps == c.train.steps and spec.pruning is None
+  c.pruning.sparsity, c.moe.router_init_scale, c.moe.k = 0.5, 0.01, 1
+  spec = resolve(c, num_devices=8)
+  assert spec.pruning.end_step == 3 * c.train.steps // 4 and spec.pruning.n_m is None
+  assert spec.model.moe.router_init_scale == 0.01 and spec.model.moe.normalize_weights is False
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    spec.model.d_model = 3
+  assert resolve(load_config(CONFIGS / 'dense.py'), num_devices=8).model.moe is None
+  with pytest.raises(ConfigError, match='moe.k=9'):
+    c.moe.k = 9
+    resolve(c, num_devices=8)
+
+
+def test_saved_configs_read_back_with_new_keys_defaulted():
+  saved = load_config(CONFIGS / 'switch.py').to_dict()
+  del saved['moe']['router_init_scale']                    # a checkpoint from before the key
+  c = from_saved(saved)
+  assert c.moe.router_init_scale == base_config().moe.router_init_scale
+  assert c.moe.num_experts == 8
+  with pytest.raises(ConfigError, match="'moe.nope'"):
+    from_saved({'moe': {'nope': 1}})

@@ -29,16 +29,32 @@ def apply_experts(w):
 
 
 def run(backend, x, w, plan, c):
-  """Routed output y [S, D] of one backend for a fixed plan."""
+  """Routed output y [S, D] (or [G, S, D]) of one backend for a fixed plan."""
   e = w.shape[0]
-  if backend == 'index':
-    buf, m = DP.index_dispatch(x, plan, e, c)
-    return DP.index_combine(apply_experts(w)(buf), plan, m)
-  if backend == 'einsum':
-    buf, comb = DP.einsum_dispatch(x, plan, e, c)
-    return DP.einsum_combine(apply_experts(w)(buf), comb)
-  assert backend == 'dropless'
-  return DP.dropless(x, plan, e, lambda rows, gs: jax.lax.ragged_dot(rows, w, gs))
+  if backend == 'dropless':
+    return DP.dropless(x, plan, e, lambda rows, gs: jax.lax.ragged_dot(rows, w, gs))
+  table = DP.CAPACITY_BACKENDS[backend]
+  buf, ctx = table.dispatch(x, plan, e, c)                            # [E, G*C, D]
+  return table.combine(apply_experts(w)(buf), plan, ctx)
+
+
+@pytest.mark.parametrize('backend', sorted(DP.CAPACITY_BACKENDS))
+def test_grouped_dispatch_equals_each_group_alone(backend):
+  """G groups in one call: slots [E, G*C, D] expert-major, and each group's output equals
+  the group routed by itself."""
+  g, c = 3, 4
+  xs, w, logits, _ = make(21, s=g * S)
+  x, logits = xs.reshape(g, S, D), logits.reshape(g, S, E)
+  plan = jax.vmap(lambda l: R.route_top_k(l, 2, c))(logits)
+  buf, _ = DP.CAPACITY_BACKENDS[backend].dispatch(x, plan, E, c)
+  assert buf.shape == (E, g * c, D)
+  y = run(backend, x, w, plan, c)
+  for i in range(g):
+    one = jax.tree.map(lambda a: a[i], plan)
+    np.testing.assert_allclose(y[i], run(backend, x[i], w, one, c), rtol=1e-5, atol=1e-6)
+    # Group i's slots of expert e sit at [e, i*C:(i+1)*C].
+    np.testing.assert_array_equal(
+        buf.reshape(E, g, c, D)[:, i], DP.CAPACITY_BACKENDS[backend].dispatch(x[i], one, E, c)[0])
 
 
 def loop_reference(x, w, logits, k):
@@ -179,7 +195,7 @@ def test_expert_choice_plan_through_backends():
   # a loop: each expert e applies to its top-C tokens, weighted by probs[t, e].
   x, w, logits, _ = make(60)
   c = 3
-  plan = R.route_expert_choice(logits, c, causal=False)
+  plan = R.route_expert_choice(logits, c)
   probs = np.asarray(jax.nn.softmax(logits))
   kept = np.asarray(plan.kept)
   want = np.zeros((S, D))

@@ -6,8 +6,10 @@ import pytest
 from flax import nnx
 
 import sparse_jax as sj
-from sparse_jax import models, steps
-from sparse_jax.config import base_config
+from sparse_jax import models
+from sparse_jax.analysis import accounting
+from sparse_jax.config import base_config, model_spec
+from sparse_jax.training import steps
 
 
 def _tiny(num_experts=4, **moe):
@@ -20,11 +22,11 @@ def _tiny(num_experts=4, **moe):
 
 def test_block_layout_moe_every_and_offset():
   c = _tiny(moe_every=2, moe_offset=1)
-  m = models.TransformerLM(c.model, c.moe, rngs=nnx.Rngs(0))
+  m = models.TransformerLM(model_spec(c), rngs=nnx.Rngs(0))
   kinds = [type(b.ffn).__name__ for b in m.blocks]
   assert kinds == ['DenseFFN', 'MoE', 'DenseFFN', 'MoE']
   c = _tiny(moe_every=3, moe_offset=0)
-  kinds = [type(b.ffn).__name__ for b in models.TransformerLM(c.model, c.moe,
+  kinds = [type(b.ffn).__name__ for b in models.TransformerLM(model_spec(c),
                                                                rngs=nnx.Rngs(0)).blocks]
   assert kinds == ['MoE', 'DenseFFN', 'DenseFFN', 'MoE']
 
@@ -35,7 +37,7 @@ def test_causal_future_tokens_do_not_change_past_logits():
   # One sequence = one routing group; capacity large enough that a later token cannot
   # take an earlier token's slot (capacity is the one non-causal coupling of top-k MoE).
   c.moe.capacity_factor = 4.0
-  m = models.TransformerLM(c.model, c.moe, rngs=nnx.Rngs(0))
+  m = models.TransformerLM(model_spec(c), rngs=nnx.Rngs(0))
   a, _ = m(tokens)
   b, _ = m(tokens.at[0, 10:].set(7))
   np.testing.assert_allclose(a[0, :10], b[0, :10], atol=1e-5)
@@ -44,12 +46,12 @@ def test_causal_future_tokens_do_not_change_past_logits():
 
 def test_aux_losses_sum_over_moe_blocks():
   c = _tiny()
-  m = models.TransformerLM(c.model, c.moe, rngs=nnx.Rngs(0))
+  m = models.TransformerLM(model_spec(c), rngs=nnx.Rngs(0))
   _, aux = m(jnp.zeros((2, 16), jnp.int32) + jnp.arange(16))
   assert sorted(aux['layers']) == [1, 3]
   np.testing.assert_allclose(aux['load_balance_loss'],
                              sum(l['load_balance_loss'] for l in aux['layers'].values()))
-  _, aux = models.TransformerLM(_tiny(0).model, _tiny(0).moe, rngs=nnx.Rngs(0))(
+  _, aux = models.TransformerLM(model_spec(_tiny(0)), rngs=nnx.Rngs(0))(
       jnp.zeros((2, 16), jnp.int32))
   assert aux['layers'] == {} and float(aux['load_balance_loss']) == 0.0
 
@@ -57,20 +59,20 @@ def test_aux_losses_sum_over_moe_blocks():
 def test_untied_output_and_swiglu():
   c = _tiny()
   c.model.update(tie_embeddings=False, activation='swiglu')
-  m = models.TransformerLM(c.model, c.moe, rngs=nnx.Rngs(0))
+  m = models.TransformerLM(model_spec(c), rngs=nnx.Rngs(0))
   logits, _ = m(jnp.zeros((2, 16), jnp.int32))
   assert logits.shape == (2, 16, 256) and m.unembed[...].shape == (32, 256)
   n = sum(x.size for x in jax.tree.leaves(nnx.state(m, nnx.Param)))
-  counts = models.count_params(c)
+  counts = accounting.params_from_config(model_spec(c))
   assert n == counts['total'] + counts['embedding']
 
 
 @pytest.mark.parametrize('num_experts,k,shared', [(0, 1, 0), (4, 1, 0), (4, 2, 8)])
 def test_count_params_matches_the_model(num_experts, k, shared):
   c = _tiny(num_experts, k=k, shared_d_ff=shared)
-  m = models.TransformerLM(c.model, c.moe, rngs=nnx.Rngs(0))
+  m = models.TransformerLM(model_spec(c), rngs=nnx.Rngs(0))
   n = sum(x.size for x in jax.tree.leaves(nnx.state(m, nnx.Param)))
-  counts = models.count_params(c)
+  counts = accounting.params_from_config(model_spec(c))
   assert n == counts['total'] + counts['embedding']
   d, f = 32, 64
   if num_experts:
@@ -87,7 +89,7 @@ def test_flops_per_token_by_hand():
   d, f, v, l = 32, 64, 256, 16
   # attention 4 d^2 + FFN 2 d f + output projection d v, x2 FLOPs; scores 2 * 2 L d.
   want = 2 * (4 * d * d + 2 * d * f + d * v) + 2 * 2 * l * d
-  got = models.flops_per_token(c)
+  got = accounting.flops_from_config(model_spec(c), c.train.seq_len)
   assert got['forward'] == want and got['train'] == 3 * want
 
 
@@ -100,9 +102,9 @@ def test_sharded_model_matches_single_device(shape):
   tokens = jax.random.randint(jax.random.key(1), (8, 17), 0, 256)
   batch = {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:]}
   c.moe.group_size = 16 * 8 // (shape[0] * shape[1])   # the tokens of one token shard
-  ref = models.TransformerLM(c.model, c.moe, rngs=nnx.Rngs(0))
+  ref = models.TransformerLM(model_spec(c), rngs=nnx.Rngs(0))
   c.moe.group_size = 0                       # sharded: all tokens of a device
-  ep = models.TransformerLM(c.model, c.moe, mesh=mesh, rngs=nnx.Rngs(0))
+  ep = models.TransformerLM(model_spec(c), mesh=mesh, rngs=nnx.Rngs(0))
   nnx.update(ep, jax.device_get(nnx.state(ref)))
   sj.sharding.put_params(ep, mesh)
   d = c.model.d_model

@@ -66,12 +66,52 @@ def _assert_sharded_matches(mesh, seed=0, **kw):
   return aux0
 
 
-@pytest.mark.parametrize('shape', MESHES)
-@pytest.mark.parametrize('k,cf', [(1, 1.0), (1, 8.0), (2, 1.0), (2, 8.0)])
-def test_expert_parallel_matches_single_device(shape, k, cf):
-  aux = _assert_sharded_matches(_mesh(shape), k=k, capacity_factor=cf, rngs=nnx.Rngs(3))
+# The default tier covers every code path: expert axis 8 (all-to-all only), 4 (both
+# axes), 1 (data parallel only) x k in {1, 2}, with drops; one case without drops; both
+# expert computations. The full matrix runs with -m slow.
+FULL = [pytest.param(shape, k, cf, compute, marks=pytest.mark.slow)
+        for shape in MESHES for k, cf in [(1, 1.0), (1, 8.0), (2, 1.0), (2, 8.0)]
+        for compute in sj.moe.EXPERT_COMPUTE]
+CORE = [(shape, k, 1.0, 'loop') for shape in [(1, 8), (2, 4), (8, 1)] for k in (1, 2)] + [
+    ((2, 4), 2, 8.0, 'loop'), ((2, 4), 2, 1.0, 'batched'), ((1, 8), 1, 1.0, 'batched')]
+
+
+@pytest.mark.parametrize('shape,k,cf,compute', CORE + [
+    p for p in FULL if tuple(p.values[:4]) not in CORE])
+def test_expert_parallel_matches_single_device(shape, k, cf, compute):
+  aux = _assert_sharded_matches(_mesh(shape), k=k, capacity_factor=cf, rngs=nnx.Rngs(3),
+                                expert_compute=compute)
   # The drop path is really exercised at cf=1.0, and absent at cf=8.
   assert (aux['dropped_fraction'] > 0) == (cf == 1.0)
+
+
+def test_expert_computations_agree():
+  """'loop' (XLA:CPU's choice) and 'batched' (accelerators') are one function."""
+  mk = lambda compute: sj.moe.Experts(E, D, F, activation='swiglu', compute=compute,
+                                      rngs=nnx.Rngs(0))
+  loop, batched = mk('loop'), mk('batched')
+  x = jax.random.normal(jax.random.key(0), (E, 5, D))
+  np.testing.assert_allclose(loop.apply(loop.weights(), x),
+                             batched.apply(batched.weights(), x), rtol=1e-5, atol=1e-6)
+  assert sj.moe.MoE(D, F, E).experts.compute == sj.moe.default_expert_compute() == 'loop'
+
+
+def test_route_returns_the_plan_the_layer_uses():
+  """MoE.route groups as the layer does (the tokens each device holds) and its plan
+  reproduces the layer's output through the index backend."""
+  mesh = _mesh((2, 4))
+  layer = sj.moe.MoE(D, F, E, k=2, capacity_factor=1.0, mesh=mesh, rngs=nnx.Rngs(2))
+  x, _ = _inputs(5)
+  plan, c = layer.route(x)
+  s = B * L // 8
+  assert plan.expert.shape == (8, s, 2) and c == sj.routing.capacity(s, E, 2, 1.0)
+  xg = np.asarray(x).reshape(8, s, D)
+  slots, ctx = sj.dispatch.index_dispatch(jnp.asarray(xg), plan, E, c)
+  out = layer.experts.apply(jax.device_get(layer.experts.weights()), slots)
+  y = sj.dispatch.index_combine(out, plan, ctx).reshape(B, L, D)
+  y_layer, aux = jax.device_get(nnx.jit(lambda m, x: m(x))(layer, x))
+  np.testing.assert_allclose(y, y_layer, rtol=1e-5, atol=1e-5)
+  assert float(aux['dropped_fraction']) == pytest.approx(1 - float(plan.kept.mean()))
 
 
 @pytest.mark.parametrize('dispatch,shape', [('einsum', (2, 4)), ('dropless', (8, 1)),
@@ -88,7 +128,7 @@ def test_bfloat16_experts_keep_a_float32_router():
   assert layer.experts.wi[...].dtype == jnp.bfloat16
   assert layer.router.kernel[...].dtype == jnp.float32
   assert layer.router(x).dtype == jnp.float32
-  y, aux = layer(x)
+  y, aux = nnx.jit(lambda m, x: m(x))(layer, x)
   assert y.dtype == jnp.bfloat16 and aux['load_balance_loss'].dtype == jnp.float32
   assert np.isfinite(np.asarray(y, np.float32)).all()
 
@@ -117,29 +157,37 @@ def test_expert_axis_one_has_no_all_to_all():
 @pytest.mark.parametrize('use_set_mesh', [False, True])
 @pytest.mark.parametrize('placed', [False, True])
 def test_mesh_variants(kind, use_set_mesh, placed):
-  """Either axis type, with or without jax.set_mesh, inputs placed or not, under jit
-  (and once eagerly: op-by-op shard_map is slow, so only one combination)."""
+  """Either axis type, with or without jax.set_mesh, inputs placed or not, under jit."""
   mesh = _mesh((2, 4), kind)
   ref = sj.moe.MoE(D, F, E, k=2, group_size=B * L // 8)
   x, _ = _inputs()
-  y0, _ = ref(x)
+  forward = nnx.jit(lambda m, x: m(x)[0])
+  y0 = forward(ref, x)
   if placed:
     x = jax.device_put(x, NamedSharding(mesh, P(('data', 'expert'))))
 
   def run():
     layer = sj.moe.MoE(D, F, E, k=2, mesh=mesh)
     _copy_params(ref, layer)
-    jitted = nnx.jit(lambda m, x: m(x)[0])(layer, x)
-    eager = kind == AxisType.Auto and not use_set_mesh and not placed
-    return (jitted, layer(x)[0]) if eager else (jitted,)
+    return forward(layer, x)
 
   if use_set_mesh:
     with jax.set_mesh(mesh):
-      outs = run()
+      y = run()
   else:
-    outs = run()
-  for y in outs:
-    np.testing.assert_allclose(jax.device_get(y), y0, atol=1e-5)
+    y = run()
+  np.testing.assert_allclose(jax.device_get(y), y0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_eager_call_on_a_mesh():
+  """Op by op (no jit) on a mesh: slow, hence only in the slow tier."""
+  mesh = _mesh((2, 4))
+  ref = sj.moe.MoE(D, F, E, k=2, group_size=B * L // 8)
+  layer = sj.moe.MoE(D, F, E, k=2, mesh=mesh)
+  _copy_params(ref, layer)
+  x, _ = _inputs()
+  np.testing.assert_allclose(jax.device_get(layer(x)[0]), ref(x)[0], atol=1e-5)
 
 
 def test_expert_weights_are_sharded_over_expert_axis():

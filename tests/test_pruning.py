@@ -11,7 +11,7 @@ from flax import nnx
 from hypothesis import given, settings, strategies as st
 
 from sparse_jax import pruning
-from sparse_jax.config import base_config
+from sparse_jax.config import base_config, model_spec
 from sparse_jax.models import TransformerLM
 from sparse_jax.pruning import wrapper as wrapper_lib
 
@@ -355,7 +355,7 @@ def tiny_cfg():
 
 
 def _tiny(cfg):
-  return TransformerLM(cfg.model, cfg.moe, rngs=nnx.Rngs(0))
+  return TransformerLM(model_spec(cfg), rngs=nnx.Rngs(0))
 
 
 def _train(model, tx, steps):
@@ -478,12 +478,13 @@ def test_structured_masks_on_nnx_state(tiny_cfg):
 
 @pytest.mark.parametrize('targets,pruned_parts', [('ffn', {'ffn'}), ('attn', {'attn'})])
 def test_config_targets_limit_pruning_to_one_part(tiny_cfg, targets, pruned_parts):
-  from sparse_jax import steps
+  from sparse_jax.config import resolve
   from sparse_jax.pruning.paths import flatten
+  from sparse_jax.training.optimizer import make_optimizer
   c = tiny_cfg.copy_and_resolve_references()
   c.pruning.sparsity, c.pruning.schedule, c.pruning.targets = 0.5, 'one_shot', targets
   model = _tiny(c)
-  _train(model, steps.make_optimizer(c), 1)
+  _train(model, make_optimizer(resolve(c, 8)), 1)
   for path, value in zip(*flatten(nnx.state(model, nnx.Param))[:2]):
     if path[-1] in ('wi', 'wo', 'wq', 'wk', 'wv') and 'router' not in path:
       part = 'attn' if 'attn' in path else 'ffn'

@@ -174,7 +174,7 @@ def test_expert_choice_hand_case():
   logits = jnp.array([[2., 0.], [0., 1.], [1., 0.], [0., 3.]])
   # probs[:, 0] = sigmoid([2, -1, 1, -3]) = [.881, .269, .731, .047] -> e0 keeps t0, t2
   # probs[:, 1] = [.119, .731, .269, .953]                           -> e1 keeps t3, t1
-  p = np_plan(R.route_expert_choice(logits, 2, causal=False))
+  p = np_plan(R.route_expert_choice(logits, 2))
   np.testing.assert_array_equal(p['expert'], [[0, 1]] * 4)   # choice j is expert j
   np.testing.assert_array_equal(p['kept'], [[1, 0], [0, 1], [1, 0], [0, 1]])
   # slot = rank of the token in the expert's descending order.
@@ -189,7 +189,7 @@ def test_expert_choice_hand_case():
        e=st.sampled_from([2, 3, 5]), c=st.integers(1, 10))
 def test_expert_choice_keeps_top_c_tokens(seed, s, e, c):
   logits = np.random.default_rng(seed).normal(size=(s, e)).astype(np.float32)
-  p = np_plan(R.route_expert_choice(jnp.asarray(logits), c, causal=False))
+  p = np_plan(R.route_expert_choice(jnp.asarray(logits), c))
   probs = np.asarray(jax.nn.softmax(jnp.asarray(logits)))
   for j in range(e):
     assert p['kept'][:, j].sum() == min(c, s)
@@ -199,31 +199,55 @@ def test_expert_choice_keeps_top_c_tokens(seed, s, e, c):
 
 
 def test_expert_choice_refused_for_causal_unless_lookahead():
-  logits = jnp.zeros((4, 2))
   with pytest.raises(ValueError, match='allow_lookahead'):
-    R.route_expert_choice(logits, 2, causal=True)
-  p = R.route_expert_choice(logits, 2, causal=True, allow_lookahead=True)
-  assert p.kept.shape == (4, 2)
+    R.check_expert_choice(causal=True, allow_lookahead=False)
+  R.check_expert_choice(causal=True, allow_lookahead=True)
+  R.check_expert_choice(causal=False, allow_lookahead=False)
 
 
 # ---------------------------------------------------------------------------- metrics
 
 def test_expert_load_and_max_violation():
   expert = jnp.array([[0], [0], [1], [2]])
-  load = R.expert_load(expert, 4)
+  load = R.expert_load(R.expert_counts(expert, 4))
   np.testing.assert_allclose(load, [.5, .25, .25, 0.])
   # Only kept choices count, as fractions of kept: counts [1, 1, 1, 0] / 3.
   kept = jnp.array([[True], [False], [True], [True]])
-  np.testing.assert_allclose(R.expert_load(expert, 4, kept), [1 / 3, 1 / 3, 1 / 3, 0.],
-                             rtol=1e-6)
+  np.testing.assert_array_equal(R.expert_counts(expert, 4, kept), [1, 1, 1, 0])
+  np.testing.assert_allclose(R.expert_load(R.expert_counts(expert, 4, kept)),
+                             [1 / 3, 1 / 3, 1 / 3, 0.], rtol=1e-6)
+  np.testing.assert_array_equal(R.expert_load(jnp.zeros(4)), 0.0)
   # MaxVio = max/mean - 1 = 0.5/0.25 - 1 = 1; perfectly balanced -> 0.
   np.testing.assert_allclose(R.max_violation(load), 1.0, rtol=1e-6)
   np.testing.assert_allclose(R.max_violation(jnp.full((4,), 0.25)), 0.0, atol=1e-7)
 
 
 def test_dropped_fraction():
+  expert = jnp.array([[0, 1], [1, 0]])
   kept = jnp.array([[True, False], [True, True]])
-  np.testing.assert_allclose(R.dropped_fraction(kept), 0.25)
+  np.testing.assert_allclose(
+      R.dropped_fraction(R.expert_counts(expert, 2, kept), R.expert_counts(expert, 2)), 0.25)
+
+
+def test_routing_metrics_from_summed_stats_equal_one_group():
+  """Statistics of two halves, summed (what shards psum), give the whole group's metrics."""
+  logits = jax.random.normal(jax.random.key(3), (16, 4))
+  plan = R.route_top_k(logits, 2, 5)
+  whole = R.routing_metrics(R.routing_stats(logits, plan))
+  halves = [R.routing_stats(logits[i:i + 8], jax.tree.map(lambda a: a[i:i + 8], plan))
+            for i in (0, 8)]
+  summed = R.routing_metrics(jax.tree.map(lambda a, b: a + b, *halves))
+  for name, value in whole.items():
+    np.testing.assert_allclose(summed[name], value, rtol=1e-6, err_msg=name)
+  probs = jax.nn.softmax(logits)
+  np.testing.assert_allclose(whole['load_balance_loss'], R.load_balance_loss(probs, plan.expert),
+                             rtol=1e-6)
+  np.testing.assert_allclose(whole['dropped_fraction'], 1 - float(plan.kept.mean()), rtol=1e-6)
+  np.testing.assert_allclose(whole['router_entropy'], R.router_entropy(probs), rtol=1e-6)
+  ec = R.routing_metrics(R.routing_stats(logits, R.route_expert_choice(logits, 4)),
+                         expert_choice=True)
+  assert float(ec['load_balance_loss']) == 0.0
+  np.testing.assert_allclose(ec['expert_load'], 0.25, rtol=1e-6)
 
 
 def test_router_entropy():

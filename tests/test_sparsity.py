@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sparse_jax import models, moe, sparsity
-from sparse_jax.config import base_config
+from sparse_jax import layers, models
+from sparse_jax.analysis import accounting, activations
+from sparse_jax.config import base_config, model_spec
 
 
 def _config(num_experts=0, *, d_model=32, d_ff=64, **moe_kw):
@@ -20,7 +21,7 @@ def _config(num_experts=0, *, d_model=32, d_ff=64, **moe_kw):
 
 
 def _model(c):
-  return models.TransformerLM(c.model, c.moe, rngs=nnx.Rngs(0))
+  return models.TransformerLM(model_spec(c), rngs=nnx.Rngs(0))
 
 
 @nnx.jit
@@ -41,24 +42,24 @@ WI = jnp.array([[1., -1., 0., 2.], [-1., -1., 0., 1.]])
 
 
 def test_relu_zero_fraction_and_dead_neurons_by_hand():
-  h = sparsity.hidden_activations({'wi': WI}, X, 'relu')
-  active = sparsity.is_active(h, 'relu')
+  h = layers.ffn_hidden({'wi': WI}, X, 'relu')
+  active = activations.is_active(h, 'relu')
   # relu zeros: row 0 two (-1, 0), rows 1 and 2 three each.
-  assert float(sparsity.zero_fraction(active)) == pytest.approx(8 / 12)
+  assert float(activations.zero_fraction(active)) == pytest.approx(8 / 12)
   # Unit 1 is always negative, unit 2 always exactly 0; unit 0 fires on row 0 only.
-  np.testing.assert_array_equal(sparsity.dead_neurons(active), [False, True, True, False])
+  np.testing.assert_array_equal(activations.dead_neurons(active), [False, True, True, False])
   # Counting only rows 1 and 2, unit 0 is dead too.
   later = jnp.array([False, True, True])
-  np.testing.assert_array_equal(sparsity.dead_neurons(active, later), [True, True, True, False])
-  assert float(sparsity.zero_fraction(active, later)) == pytest.approx(6 / 8)
+  np.testing.assert_array_equal(activations.dead_neurons(active, later), [True, True, True, False])
+  assert float(activations.zero_fraction(active, later)) == pytest.approx(6 / 8)
 
 
 def test_threshold_for_smooth_activations():
-  h = sparsity.hidden_activations({'wi': WI}, X, 'gelu')
+  h = layers.ffn_hidden({'wi': WI}, X, 'gelu')
   # gelu(0) = 0 is the only value below 1e-2 (gelu(-1) = -0.159, gelu(-2) = -0.046).
-  assert float(sparsity.zero_fraction(sparsity.is_active(h, 'gelu'))) == pytest.approx(4 / 12)
+  assert float(activations.zero_fraction(activations.is_active(h, 'gelu'))) == pytest.approx(4 / 12)
   # At 0.1, gelu(-2) = -0.046 counts as inactive too (one entry).
-  assert float(sparsity.zero_fraction(sparsity.is_active(h, 'gelu', 0.1))) == pytest.approx(5 / 12)
+  assert float(activations.zero_fraction(activations.is_active(h, 'gelu', 0.1))) == pytest.approx(5 / 12)
 
 
 def test_swiglu_hidden_is_what_the_ffn_multiplies_by_wo():
@@ -66,8 +67,8 @@ def test_swiglu_hidden_is_what_the_ffn_multiplies_by_wo():
   w = {'wi': jax.random.normal(k[0], (8, 16)), 'wi_gate': jax.random.normal(k[1], (8, 16)),
        'wo': jax.random.normal(k[2], (16, 8))}
   x = jax.random.normal(k[3], (5, 8))
-  h = sparsity.hidden_activations(w, x, 'swiglu')
-  np.testing.assert_allclose(h @ w['wo'], moe.ffn(w, x, 'swiglu'), rtol=1e-5, atol=1e-5)
+  h = layers.ffn_hidden(w, x, 'swiglu')
+  np.testing.assert_allclose(h @ w['wo'], layers.ffn(w, x, 'swiglu'), rtol=1e-5, atol=1e-5)
 
 
 def test_window_union_by_hand():
@@ -77,7 +78,7 @@ def test_window_union_by_hand():
   a[0, 0] = a[3, 1] = a[5, 1] = True
   a[:, 3] = True
   a = jnp.asarray(a)
-  u = lambda w: float(sparsity.window_union(a, w))
+  u = lambda w: float(activations.window_union(a, w))
   assert u(1) == (3 * 0.5 + 5 * 0.25) / 8        # tokens 0, 3, 5 have 2 units, the rest 1
   assert u(4) == (0.75 + 0.5) / 2                 # {0, 1, 3} then {1, 3}
   assert u(3) == 0.5                              # {0, 3}, {1, 3}; tokens 6-7 left out
@@ -85,10 +86,10 @@ def test_window_union_by_hand():
   assert np.isnan(u(16))                          # no complete window
   # Stacked: the second stack has 3 valid rows; rows past them must be ignored.
   stacked = jnp.stack([a, jnp.ones_like(a)])
-  s, n = sparsity.window_stats(stacked, jnp.array([8, 3]), 3)
+  s, n = activations.window_stats(stacked, jnp.array([8, 3]), 3)
   np.testing.assert_array_equal(n, [2, 1])
   np.testing.assert_allclose(s, [1.0, 1.0])
-  s, n = sparsity.window_stats(stacked, jnp.array([8, 3]), 4)
+  s, n = activations.window_stats(stacked, jnp.array([8, 3]), 4)
   np.testing.assert_array_equal(n, [2, 0])
 
 
@@ -109,7 +110,7 @@ def test_model_probe_relu_hand_made_weights():
   dense, routed = m.blocks[0].ffn, m.blocks[1].ffn.experts
   dense.wi[...] = _signed_pairs(jax.random.key(2), dense.wi.shape)
   routed.wi[...] = _signed_pairs(jax.random.key(3), routed.wi.shape)
-  out = sparsity.activation_sparsity(m, tokens, windows=(1, 16, 1024))
+  out = activations.activation_sparsity(m, tokens, windows=(1, 16, 1024))
   json.dumps(out)                                 # plain Python numbers
   f, t = c.model.d_ff, tokens.size
   d, r = out[0], out[1]
@@ -133,7 +134,7 @@ def test_model_probe_top2_shared_swiglu_runs():
   c = _config(4, k=2, shared_d_ff=16, moe_offset=0, moe_every=1)
   c.model.activation = 'swiglu'
   m, tokens = _model(c), _tokens(c)
-  out = sparsity.activation_sparsity(m, tokens, threshold=0.05)
+  out = activations.activation_sparsity(m, tokens, threshold=0.05)
   aux = _aux(m, tokens)
   for i in (0, 1):
     r = out[i]
@@ -159,12 +160,12 @@ def test_counts_match_config_accounting(name):
   if name == 'top2':
     c.model.update(activation='swiglu', tie_embeddings=False)
   m = _model(c)
-  got, want = sparsity.param_counts(m), models.count_params(c)
+  got, want = accounting.params_from_model(m), accounting.params_from_config(model_spec(c))
   for key in ('total', 'active', 'embedding', 'expert'):
     assert got[key] == want[key], key
   assert got['nonzero'] == got['total'] and got['active_nonzero'] == got['active']
-  f = sparsity.flops_per_token(m, c.train.seq_len)
-  want = models.flops_per_token(c)
+  f = accounting.flops_from_model(m, c.train.seq_len)
+  want = accounting.flops_from_config(model_spec(c), c.train.seq_len)
   assert f['forward'] == want['forward'] and f['train'] == want['train']
   parts = ('attention_proj', 'attention_scores', 'ffn', 'experts', 'shared', 'router',
            'output', 'other')
@@ -176,17 +177,17 @@ def test_exact_zeros_and_masks():
   c = _config(4, k=1)
   m = _model(c)
   d, ff, e = c.model.d_model, c.model.d_ff, c.moe.num_experts
-  base = sparsity.param_counts(m)
-  flops = sparsity.flops_per_token(m, c.train.seq_len)
+  base = accounting.params_from_model(m)
+  flops = accounting.flops_from_model(m, c.train.seq_len)
   # Exact zeros: half of the dense wi, and all of expert 0's wi.
   m.blocks[0].ffn.wi[:, :ff // 2] = 0.0
   m.blocks[1].ffn.experts.wi[0] = 0.0
-  got = sparsity.param_counts(m)
+  got = accounting.params_from_model(m)
   assert got['total'] == base['total']
   assert got['nonzero'] == base['total'] - d * ff // 2 - d * ff
   assert got['active_nonzero'] == base['active'] - d * ff // 2 - d * ff / e
   assert got['by_kind']['experts']['nonzero'] == e * 2 * d * ff - d * ff
-  sparse_flops = sparsity.flops_per_token(m, c.train.seq_len)
+  sparse_flops = accounting.flops_from_model(m, c.train.seq_len)
   assert sparse_flops['forward'] == flops['forward']
   assert sparse_flops['forward_nonzero'] == flops['forward'] - 2 * (d * ff // 2 + d * ff / e)
 
@@ -201,7 +202,7 @@ def test_exact_zeros_and_masks():
     return None
   pure = nnx.to_pure_dict(nnx.state(m, nnx.Param))
   masks = jax.tree_util.tree_map_with_path(mask, pure)
-  got = sparsity.param_counts(m, masks)
+  got = accounting.params_from_model(m, masks)
   pruned = 3 * d * ff // 4 + (e - 1) * ff * d
   assert got['mask_nonzero'] == base['total'] - pruned
   assert got['mask_active_nonzero'] == base['active'] - 3 * d * ff // 4 - (e - 1) / e * ff * d
@@ -210,11 +211,11 @@ def test_exact_zeros_and_masks():
   state_masks = jax.tree_util.tree_map_with_path(
       lambda p, x: mask(p, x) if mask(p, x) is not None else jnp.ones(x.shape, bool),
       nnx.state(m, nnx.Param))
-  assert sparsity.param_counts(m, state_masks)['mask_nonzero'] == got['mask_nonzero']
+  assert accounting.params_from_model(m, state_masks)['mask_nonzero'] == got['mask_nonzero']
   with pytest.raises(ValueError, match='lacks'):
-    sparsity.param_counts(m, {'nope': jnp.ones((2,), bool)})
+    accounting.params_from_model(m, {'nope': jnp.ones((2,), bool)})
   with pytest.raises(ValueError, match='shape'):
-    sparsity.param_counts(m, {'embed': jnp.ones((2,), bool)})
+    accounting.params_from_model(m, {'embed': jnp.ones((2,), bool)})
 
 
 # ------------------------------------------------- FLOPs vs XLA's cost analysis
@@ -248,6 +249,6 @@ def test_forward_flops_match_xla_cost_analysis(name, moe_kw):
   tokens = jnp.zeros((c.train.batch_size, c.train.seq_len), jnp.int32)
   fwd = lambda state, tokens: nnx.merge(graph, state)(tokens)[0]
   xla = jax.jit(fwd).lower(state, tokens).compile().cost_analysis()['flops'] / tokens.size
-  analytic = sparsity.flops_per_token(m, c.train.seq_len)['forward']
+  analytic = accounting.flops_from_model(m, c.train.seq_len)['forward']
   print(f'{name}: analytic {analytic:.0f} XLA {xla:.0f} ratio {xla / analytic:.4f}')
   assert 1.0 <= xla / analytic < 1.10

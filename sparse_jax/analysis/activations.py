@@ -1,20 +1,16 @@
-"""Activation-sparsity probes and honest accounting of parameters and FLOPs.
+"""Activation-sparsity probes: how many FFN hidden units a model really uses.
 
 Shape legend: B batch, L length, T = B*L tokens, D d_model, F d_ff, E experts,
 K experts per token, N rows (tokens an expert processed, padded), W windows.
 
-Three views of one model, all read from the model itself (its parameters and modules),
-not from its config, so pruned or compacted models are counted as they are:
-
-  activation_sparsity(model, tokens)  per FFN block: zero / near-zero hidden units,
-                                      dead neurons, active union over token windows.
-  param_counts(model, masks)          total, active per token, embedding, non-zero.
-  flops_per_token(model, seq_len)     forward (by part) and training FLOPs per token.
+activation_sparsity(model, tokens) runs the model once with each block sowing its FFN
+input (Block.sow_ffn_input), routes MoE inputs with the layer's own MoE.route, and
+computes every FFN's hidden units with layers.ffn_hidden: per FFN block the zero /
+near-zero hidden units, dead neurons and the active union over token windows.
 """
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -22,28 +18,15 @@ import numpy as np
 from flax import nnx
 
 from sparse_jax import dispatch as dispatch_lib
-from sparse_jax.models.attention import Attention
-from sparse_jax.models.transformer import RMSNorm
-from sparse_jax.moe import ACTIVATIONS, DenseFFN, MoE, route_groups
-from sparse_jax.pruning.paths import plain_path
-from sparse_jax.sharding import axis_size, token_axes
+from sparse_jax.layers import ffn_hidden
+from sparse_jax.models.transformer import Block, FFNInput
+from sparse_jax.moe import MoE
 
 DEFAULT_THRESHOLD = 1e-2
 DEFAULT_WINDOWS = (1, 16, 256)
 
 
 # ------------------------------------------------------------------ pure statistics
-
-def hidden_activations(w: dict[str, jax.Array], x: jax.Array, activation: str) -> jax.Array:
-  """The FFN hidden units that multiply wo. x [N, D] -> [N, F].
-
-  act(x @ wi), or silu(x @ wi_gate) * (x @ wi) for swiglu (as moe.ffn computes them).
-  """
-  h = jnp.einsum('nd,df->nf', x, w['wi'])
-  if activation == 'swiglu':
-    return jax.nn.silu(jnp.einsum('nd,df->nf', x, w['wi_gate'])) * h
-  return ACTIVATIONS[activation](h)
-
 
 def is_active(h: jax.Array, activation: str, threshold: float = DEFAULT_THRESHOLD) -> jax.Array:
   """bool, same shape as h. relu: h != 0 (exact zeros, threshold unused);
@@ -92,40 +75,27 @@ def window_union(active: jax.Array, window: int) -> jax.Array:
 # ----------------------------------------------------------- probes over a model
 
 def ffn_inputs(model, tokens: jax.Array) -> dict[int, jax.Array]:
-  """{block index: the normed input of its FFN [B, L, D]} for a TransformerLM.
-
-  Runs the blocks as TransformerLM.__call__ does (x += attn(norm(x)); x += ffn(norm(x))),
-  so the model needs no hook.
-  """
-  x = jnp.take(model.embed[...], tokens, axis=0)                      # [B, L, D]
-  out = {}
-  for i, block in enumerate(model.blocks):
-    x = x + block.attn(block.attn_norm(x))
-    out[i] = h = block.ffn_norm(x)
-    y = block.ffn(h)
-    x = x + (y[0] if isinstance(block.ffn, MoE) else y)
-  return out
-
-
-def _dense_weights(ffn: DenseFFN):
-  names = ('wi', 'wi_gate') if ffn.activation == 'swiglu' else ('wi',)
-  return {n: getattr(ffn, n)[...] for n in names}
+  """{block index: the normed input of its FFN [B, L, D]} of a TransformerLM, as sown
+  by its blocks during one forward pass."""
+  blocks = [b for _, b in nnx.iter_graph(model) if isinstance(b, Block)]
+  for b in blocks:
+    b.sow_ffn_input = True
+  try:
+    _, sown = nnx.capture(model, FFNInput)(tokens)
+  finally:
+    for b in blocks:
+      b.sow_ffn_input = False
+  return {i: sown['blocks'][i]['ffn_input'].get_value()[0] for i in range(len(model.blocks))}
 
 
 def _routed_rows(layer: MoE, h: jax.Array):
   """Each expert's tokens, in token order. h [B, L, D] -> (x [E, N, D], count i32[E],
-  kept fraction of all choices). Routes like MoE._routed: same groups (the tokens one
-  device holds unless group_size), capacity, bias and dropping."""
+  kept fraction of all choices), from the layer's own plan (MoE.route)."""
   b, l, d = h.shape
-  st, e = layer.settings, layer.num_experts
-  shards = math.prod(axis_size(layer.mesh, a) for a in token_axes(layer.mesh))
-  s = st.group_size or b // shards * l
-  g = b * l // s
-  logits = layer.router(h, train=False).reshape(g, s, e)               # f32[G, S, E]
-  bias = layer.router.bias[...] if layer.balancing == 'loss_free' else None
-  plan, c = route_groups(st, logits, bias)                             # [G, S, K]
+  e = layer.num_experts
+  plan, c = layer.route(h)                                             # [G, S, K]
   sm = dispatch_lib.slot_map(plan, e, c)
-  src, filled = sm.src.reshape(e, g * c), sm.filled.reshape(e, g * c)  # [E, N]
+  src, filled = sm.src.reshape(e, -1), sm.filled.reshape(e, -1)        # [E, N]
   # Slots are in priority order (choice-major); windows want token order.
   order = jnp.argsort(jnp.where(filled, src, b * l), axis=1, stable=True)
   src = jnp.take_along_axis(src, order, axis=1)
@@ -145,27 +115,22 @@ def _stack_stats(hidden, count, activation, threshold, windows):
 
 @functools.partial(nnx.jit, static_argnames=('threshold', 'windows'))
 def _probe_arrays(model, tokens, threshold, windows):
+  def stats(ffn, x):                                   # one dense FFN over x [N, D]
+    hid = ffn_hidden(ffn.weights(), x, ffn.activation)[None]           # [1, N, F]
+    return _stack_stats(hid, jnp.array([hid.shape[1]]), ffn.activation, threshold, windows)
+
   out = {}
   for i, h in ffn_inputs(model, tokens).items():
     ffn = model.blocks[i].ffn
     if isinstance(ffn, MoE):
       x, count, kept = _routed_rows(ffn, h)
-      w = ffn.experts.weights()
-      hid = jax.vmap(functools.partial(hidden_activations,
-                                       activation=ffn.experts.activation))(w, x)
-      out[i] = dict(routed=_stack_stats(hid, count, ffn.experts.activation, threshold,
-                                        windows), kept=kept)
+      act = ffn.experts.activation
+      hid = jax.vmap(functools.partial(ffn_hidden, activation=act))(ffn.experts.weights(), x)
+      out[i] = dict(routed=_stack_stats(hid, count, act, threshold, windows), kept=kept)
       if ffn.shared is not None:
-        sh = ffn.shared
-        hid = hidden_activations(_dense_weights(sh), h.reshape(-1, h.shape[-1]),
-                                 sh.activation)[None]
-        out[i]['shared'] = _stack_stats(hid, jnp.array([hid.shape[1]]), sh.activation,
-                                        threshold, windows)
+        out[i]['shared'] = stats(ffn.shared, h.reshape(-1, h.shape[-1]))
     else:
-      hid = hidden_activations(_dense_weights(ffn), h.reshape(-1, h.shape[-1]),
-                               ffn.activation)[None]                   # [1, T, F]
-      out[i] = dict(dense=_stack_stats(hid, jnp.array([hid.shape[1]]), ffn.activation,
-                                       threshold, windows))
+      out[i] = dict(dense=stats(ffn, h.reshape(-1, h.shape[-1])))
   return out
 
 
@@ -226,142 +191,3 @@ def activation_sparsity(model, tokens: jax.Array, *, threshold: float = DEFAULT_
     if 'shared' in a:
       out[i]['shared'] = _summary(a['shared'], ffn.shared.wi.shape[-1])
   return out
-
-
-# ------------------------------------------------------------ parameter accounting
-
-def _paths(tree) -> dict[tuple, object]:
-  """{path of keys from the root: leaf}; a Variable's trailing 'value' is dropped and
-  None leaves are kept (masks use None for leaves that are not pruned)."""
-  flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is None)
-  return {plain_path(path): leaf for path, leaf in flat}
-
-
-def _param_table(model):
-  """[(path, array, kind, active share (k, E) or 1)] for every nnx.Param of the model.
-
-  kind: embedding | attention | ffn | router | experts | shared | norm | other.
-  """
-  modules = {p: n for p, n in nnx.iter_graph(model)
-             if isinstance(n, (Attention, DenseFFN, MoE, RMSNorm))}
-  rows = []
-  for path, leaf in _paths(nnx.state(model, nnx.Param)).items():
-    kind, share = 'other', (1, 1)
-    if path[:1] in (('embed',), ('unembed',)):
-      kind = 'embedding'
-    for n in range(len(path) - 1, -1, -1):     # innermost module holding the param
-      mod = modules.get(path[:n])
-      if isinstance(mod, MoE):
-        kind = {'router': 'router', 'experts': 'experts', 'shared': 'shared'}.get(
-            path[n], 'other')
-        if kind == 'experts':   # stacked [E, ...]: a token uses K of them
-          share = (mod.settings.k, mod.num_experts)
-        break
-      if mod is not None:
-        kind = {Attention: 'attention', DenseFFN: 'ffn', RMSNorm: 'norm'}[type(mod)]
-        # A DenseFFN inside an MoE is its shared expert: keep looking outwards.
-        if not any(isinstance(modules.get(path[:m]), MoE) for m in range(n)):
-          break
-    rows.append((path, leaf, kind, share))
-  return rows
-
-
-def param_counts(model, masks=None) -> dict:
-  """Parameter counts of a model's nnx.Params (router biases and other state excluded).
-
-  masks: optional pytree shaped like nnx.state(model, nnx.Param) with bool arrays (True
-  = kept) or None (leaf not pruned), e.g. sparse_jax.pruning.masks(opt_state).
-  Returns ints except where noted:
-    total, active      all parameters, and those one token uses: an MoE block counts
-                       K of its E experts, its router and its shared expert; embeddings
-                       are excluded from both (they cost a lookup, not a matmul), as in
-                       sparse_jax.models.count_params (expert choice: K is the layer's
-                       k; there a token gets capacity_factor * k experts on average)
-    embedding          embed (+ unembed when untied)
-    expert, router     routed-expert parameters (all E) and router kernels
-    nonzero, active_nonzero, embedding_nonzero   the same counting only entries != 0
-                       (exact zeros, e.g. pruned weights); active_nonzero (float) counts
-                       K/E of each MoE block's non-zero expert entries: the mean expert
-    mask_nonzero, mask_active_nonzero, embedding_mask_nonzero   with masks: entries
-                       the masks keep (a None or absent mask keeps the whole leaf)
-    by_kind            {kind: {'total', 'active', 'nonzero'}} over the kinds attention,
-                       ffn, router, experts, shared, norm, embedding, other
-  """
-  mask = {} if masks is None else {p: m for p, m in _paths(masks).items() if m is not None}
-  table = _param_table(model)
-  known = {p for p, *_ in table}
-  if unknown := sorted(map(str, set(mask) - known)):
-    raise ValueError(f'masks have leaves the model lacks: {", ".join(unknown)}.')
-  out = dict.fromkeys(('total', 'active', 'embedding', 'expert', 'router', 'nonzero',
-                       'active_nonzero', 'embedding_nonzero'), 0)
-  if masks is not None:
-    out.update(mask_nonzero=0, mask_active_nonzero=0, embedding_mask_nonzero=0)
-  by_kind = {}
-  for path, leaf, kind, (k, e) in table:
-    size, nz = leaf.size, int(jnp.count_nonzero(leaf))
-    if path in mask and tuple(mask[path].shape) != tuple(leaf.shape):
-      raise ValueError(f'mask {path} has shape {tuple(mask[path].shape)}; the parameter '
-                       f'has {tuple(leaf.shape)}.')
-    kept = int(jnp.count_nonzero(mask[path])) if path in mask else size
-    b = by_kind.setdefault(kind, {'total': 0, 'active': 0, 'nonzero': 0})
-    b['total'] += size
-    b['nonzero'] += nz
-    if kind == 'embedding':
-      out['embedding'] += size
-      out['embedding_nonzero'] += nz
-      if masks is not None:
-        out['embedding_mask_nonzero'] += kept
-      continue
-    b['active'] += size * k // e
-    out['total'] += size
-    out['active'] += size * k // e
-    out['nonzero'] += nz
-    out['active_nonzero'] += nz * k / e
-    out['expert'] += size if kind == 'experts' else 0
-    out['router'] += size if kind == 'router' else 0
-    if masks is not None:
-      out['mask_nonzero'] += kept
-      out['mask_active_nonzero'] += kept * k / e
-  out['by_kind'] = by_kind
-  return out
-
-
-# ------------------------------------------------------------------ FLOP accounting
-
-def flops_per_token(model, seq_len: int) -> dict[str, float]:
-  """Forward FLOPs per token of a TransformerLM, by part, from its parameters.
-
-  A matmul with a [in, out] weight costs 2*in*out per token (multiply and add); only the
-  K routed experts a token uses count, plus the router and any shared expert. Attention
-  scores (QK^T and AV) cost 4*seq_len*D per token and layer: the full L x L product the
-  XLA kernel computes, not the causal half. Norms, activations, softmax, RoPE, routing
-  bookkeeping and the embedding lookup are not counted (O(D + F) per token against
-  O(D * F) for the matmuls). Agrees exactly with sparse_jax.models.flops_per_token.
-
-  Returns attention_proj, attention_scores, ffn, experts, shared, router, output,
-  other (2x any other matmul weight), forward (their sum), train (3x forward: the
-  backward pass costs two forwards), and forward_nonzero: the forward with every
-  weight matrix counted by its non-zero entries (what a sparse kernel could skip to;
-  experts at K/E of their non-zeros), attention scores unchanged.
-  """
-  parts = dict.fromkeys(('attention_proj', 'attention_scores', 'ffn', 'experts', 'shared',
-                         'router', 'output', 'other'), 0.0)
-  nonzero = 0.0
-  names = {'attention': 'attention_proj', 'ffn': 'ffn', 'experts': 'experts',
-           'shared': 'shared', 'router': 'router', 'other': 'other'}
-  for path, leaf, kind, (k, e) in _param_table(model):
-    if kind == 'embedding':   # the lookup is free; the output projection is a matmul
-      if path == ('unembed',) or getattr(model, 'unembed', None) is None:
-        parts['output'] += 2.0 * leaf.size
-        nonzero += 2.0 * int(jnp.count_nonzero(leaf))
-      continue
-    if kind == 'norm' or leaf.ndim < 2:
-      continue
-    parts[names[kind]] += 2.0 * leaf.size * k / e
-    nonzero += 2.0 * int(jnp.count_nonzero(leaf)) * k / e
-  for _, node in nnx.iter_graph(model):
-    if isinstance(node, Attention):
-      parts['attention_scores'] += 2.0 * 2 * seq_len * node.wq.shape[-1]
-  forward = sum(parts.values())
-  return {**parts, 'forward': forward, 'train': 3.0 * forward,
-          'forward_nonzero': nonzero + parts['attention_scores']}

@@ -2,17 +2,17 @@
 
 Pruning whole FFN neurons or attention heads only zeroes weights; the model still pays
 for them. compact() gathers the kept neurons/heads into smaller arrays and returns the
-config of the smaller model. It transforms any nnx State whose paths mirror the model's
+ModelSpec of the smaller model. It transforms any nnx State whose paths mirror the model's
 parameters (the parameters, Adam's moments, pruning masks), so training can go on with
 the optimizer state it had.
 
-Shape legend: D d_model, F d_ff, N heads, H head dim, n kept neurons / heads.
+Shape legend: D d_model, F d_ff, H heads, Dh head dim, n kept neurons / heads.
   FFN:       wi, wi_gate [D, F] -> [D, n];  wo [F, D] -> [n, D]
-  attention: wq, wk, wv [D, N*H] -> [D, n*H];  wo [N*H, D] -> [n*H, D]
+  attention: wq, wk, wv [D, H*Dh] -> [D, n*Dh];  wo [H*Dh, D] -> [n*Dh, D]
 """
 from __future__ import annotations
 
-import copy
+import dataclasses
 
 import jax.numpy as jnp
 import numpy as np
@@ -33,13 +33,15 @@ def _same_count(kept, kind, what):
   counts = {len(v) for (_, _, k), v in kept.items() if k == kind}
   if len(counts) > 1:
     raise ValueError(f'compact() needs the same number of kept {what} in every block (one '
-                     f'config value); got {sorted(counts)}. Prune with a uniform layer '
+                     f'spec value); got {sorted(counts)}. Prune with a uniform layer '
                      'distribution, not global scope.')
   return counts.pop() if counts else None
 
 
-def compact(config, state: nnx.State, kept: dict) -> tuple:
-  """(new_config, new_state) with only the kept FFN neurons and attention heads.
+def compact(spec, state: nnx.State, kept: dict) -> tuple:
+  """(new_spec, new_state) with only the kept FFN neurons and attention heads.
+
+  spec: the model's sparse_jax.config.ModelSpec; new_spec is the smaller model's.
 
   kept: {('blocks', i, 'ffn'): neuron indices, ('blocks', i, 'attn'): head indices} for
   the dense blocks (MoE blocks are left as they are). Every dense block of a kind must be
@@ -49,8 +51,7 @@ def compact(config, state: nnx.State, kept: dict) -> tuple:
   if other:
     raise ValueError(f'compact() gathers dense FFN neurons and attention heads; it cannot '
                      f'compact {other[0]} (experts stay stacked: prune them in place).')
-  m = config.model
-  head_dim = m.get('head_dim') or m.d_model // m.num_heads
+  head_dim = spec.head_dim
   n_ffn = _same_count(kept, 'ffn', 'FFN neurons')
   n_heads = _same_count(kept, 'attn', 'heads')
   index = {(b, kind): np.sort(np.asarray(v)) for (_, b, kind), v in kept.items()}
@@ -68,22 +69,16 @@ def compact(config, state: nnx.State, kept: dict) -> tuple:
       if value.ndim == 2:                               # skip scalars of optimizer state
         value = jnp.take(value, jnp.asarray(idx), axis=axis)
     flat.append((path, var.replace(value) if is_var else value))
-  dense_blocks = [i for i in range(m.num_layers) if not _is_moe(config, i)]
+  dense_blocks = [i for i in range(spec.num_layers) if not spec.is_moe_block(i)]
   for kind, n in (('ffn', n_ffn), ('attn', n_heads)):
     listed = {b for b, k in index if k == kind}
-    if n is not None and listed != set(dense_blocks if kind == 'ffn' else range(m.num_layers)):
+    if n is not None and listed != set(dense_blocks if kind == 'ffn' else range(spec.num_layers)):
       raise ValueError(f"compact(): kept {kind} indices are given for blocks "
                        f'{sorted(listed)}; list every {"dense " if kind == "ffn" else ""}'
-                       f'block ({dense_blocks if kind == "ffn" else list(range(m.num_layers))}).')
-  new = copy.deepcopy(config)
-  if n_ffn is not None:
-    new.moe.d_ff = config.moe.d_ff or m.d_ff            # experts keep their width
-    new.model.d_ff = n_ffn
+                       f'block ({dense_blocks if kind == "ffn" else list(range(spec.num_layers))}).')
+  new = spec
+  if n_ffn is not None:                                 # experts keep their own width
+    new = dataclasses.replace(new, d_ff=n_ffn)
   if n_heads is not None:
-    new.model.num_heads, new.model.head_dim = n_heads, head_dim
+    new = dataclasses.replace(new, num_heads=n_heads)
   return new, nnx.from_flat_state(flat)
-
-
-def _is_moe(config, i):
-  from sparse_jax.models import is_moe_block
-  return is_moe_block(i, config.moe.num_experts, config.moe.moe_every, config.moe.moe_offset)

@@ -62,9 +62,14 @@ def default_prunable(path: tuple, leaf) -> bool:
           and not any(isinstance(k, str) and k in PROTECTED for k in path))
 
 
+TARGETS = ('all', 'ffn', 'attn')
+
+
 def prunable_in(part: str):
   """default_prunable restricted to one part of each block: 'ffn' (FFNs and experts),
   'attn' (attention), or 'all'."""
+  if part not in TARGETS:
+    raise ValueError(f'targets={part!r} is unknown; use one of {TARGETS}.')
   if part == 'all':
     return default_prunable
   return lambda path, leaf: part in path and default_prunable(path, leaf)

@@ -1,59 +1,28 @@
-"""Optimizer, loss and the pure train/eval steps of the language model.
+"""Loss, the pure train/eval steps, and their compilation with shardings.
 
 The steps take and return the nnx state of (model, optimizer) so that jax.jit can pin
-their shardings; the model is rebuilt inside with nnx.merge.
+their shardings; the model is rebuilt inside with nnx.merge. build() is the one place
+that makes the model, the optimizer and the jitted steps: the trainer, evaluation and the
+experiments all use it.
 """
 from __future__ import annotations
 
 import math
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import Mesh
 
+from sparse_jax import pruning, sharding
+from sparse_jax.config import Spec
+from sparse_jax.models import TransformerLM
+from sparse_jax.training.optimizer import make_optimizer
 
-def make_optimizer(config) -> optax.GradientTransformation:
-  """AdamW with linear warmup then cosine decay to min_lr_ratio * lr, global-norm clipping.
-
-  Weight decay applies to matrices only (not norm scales or biases).
-  """
-  t = config.train
-  horizon = max(t.lr_decay_steps or t.steps, t.warmup_steps + 1)
-  schedule = optax.warmup_cosine_decay_schedule(
-      0.0, t.lr, t.warmup_steps, horizon, end_value=t.lr * t.min_lr_ratio)
-  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
-  adamw = optax.adamw(schedule, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay,
-                      mask=decay_mask)
-  tx = optax.chain(optax.clip_by_global_norm(t.grad_clip), adamw) if t.grad_clip > 0 else adamw
-  p = config.pruning
-  if not (p.sparsity > 0 or p.n_m):
-    return tx
-  from sparse_jax import pruning                  # the pruner owns the final update
-  from sparse_jax.config import parse_n_m, pruning_end_step
-  from sparse_jax.pruning.paths import prunable_in
-  extra = dict(structure=p.structure, num_heads=config.model.num_heads) if p.structure else {}
-  return pruning.wrap(
-      tx, sparsity=p.sparsity, method=p.method, schedule=p.schedule,
-      start_step=p.start_step, end_step=pruning_end_step(config),
-      update_every=p.update_every, distribution=p.distribution, scope=p.scope,
-      n_m=parse_n_m(p.n_m) if p.n_m else None, prunable=prunable_in(p.get('targets', 'all')), **extra)
-
-
-def sparsity_metrics(model, opt) -> dict[str, jax.Array]:
-  """Zero fraction of every pruned leaf ('sparsity/<path>') and non-zero parameter count."""
-  from sparse_jax import pruning
-  from sparse_jax.pruning.paths import path_str, plain_path
-  masks = pruning.masks(opt.opt_state)
-  out = {}
-  leaves = jax.tree_util.tree_flatten_with_path(masks, is_leaf=lambda x: x is None)[0]
-  for path, mask in leaves:
-    if mask is not None:
-      name = path_str(plain_path(path))
-      out[f'sparsity/{name}'] = 1.0 - jnp.mean(mask.astype(jnp.float32))
-  params = jax.tree.leaves(nnx.state(model, nnx.Param))
-  out['nonzero_params'] = sum(jnp.count_nonzero(x) for x in params).astype(jnp.float32)
-  return out
+ROUTING_METRICS = ('dropped_fraction', 'max_violation', 'router_entropy',
+                   'load_balance_loss', 'router_z_loss')
 
 
 def lm_loss(model, batch, *, train: bool, lb_coef: float, z_coef: float):
@@ -64,12 +33,11 @@ def lm_loss(model, batch, *, train: bool, lb_coef: float, z_coef: float):
   return total, (ce, aux)
 
 
-def _routing_metrics(aux) -> dict[str, jax.Array]:
-  """Scalar routing metrics: per MoE block, and averaged over blocks."""
+def routing_metrics(aux) -> dict[str, jax.Array]:
+  """Scalar routing metrics: per MoE block ('moe/<i>/<name>'), and averaged over blocks."""
   out = {}
   layers = aux['layers']
-  for name in ('dropped_fraction', 'max_violation', 'router_entropy',
-               'load_balance_loss', 'router_z_loss'):
+  for name in ROUTING_METRICS:
     for i, layer in layers.items():
       out[f'moe/{i}/{name}'] = layer[name]
     if layers:
@@ -77,30 +45,70 @@ def _routing_metrics(aux) -> dict[str, jax.Array]:
   return out
 
 
-def make_train_step(graphdef, config):
-  loss = lambda m, b: lm_loss(m, b, train=True, lb_coef=config.moe.load_balance_coef,
-                              z_coef=config.moe.z_loss_coef)
+def sparsity_metrics(model, opt) -> dict[str, jax.Array]:
+  """Zero fraction of every pruned leaf ('sparsity/<path>') and non-zero parameter count."""
+  masks = pruning.masks(opt.opt_state)
+  out = {}
+  leaves = jax.tree_util.tree_flatten_with_path(masks, is_leaf=lambda x: x is None)[0]
+  for path, mask in leaves:
+    if mask is not None:
+      name = pruning.paths.path_str(pruning.plain_path(path))
+      out[f'sparsity/{name}'] = 1.0 - jnp.mean(mask.astype(jnp.float32))
+  params = jax.tree.leaves(nnx.state(model, nnx.Param))
+  out['nonzero_params'] = sum(jnp.count_nonzero(x) for x in params).astype(jnp.float32)
+  return out
+
+
+def make_train_step(graphdef, spec: Spec):
+  moe = spec.model.moe
+  coefs = dict(lb_coef=moe.load_balance_coef, z_coef=moe.z_loss_coef) if moe else dict(
+      lb_coef=0.0, z_coef=0.0)
+  loss = lambda m, b: lm_loss(m, b, train=True, **coefs)
 
   def train_step(state, batch):
     model, opt = nnx.merge(graphdef, state)
     (total, (ce, aux)), grads = nnx.value_and_grad(loss, has_aux=True)(model, batch)
     opt.update(model, grads)
     metrics = {'loss': ce, 'total_loss': total, 'grad_norm': optax.tree.norm(grads),
-               **_routing_metrics(aux)}
-    if config.pruning.sparsity > 0 or config.pruning.n_m:
+               **routing_metrics(aux)}
+    if spec.pruning is not None:
       metrics.update(sparsity_metrics(model, opt))
     return nnx.state((model, opt)), metrics
 
   return train_step
 
 
-def make_eval_step(graphdef, config):
+def make_eval_step(graphdef):
   def eval_step(state, batch):
     model, _ = nnx.merge(graphdef, state)
     _, (ce, aux) = lm_loss(model, batch, train=False, lb_coef=0.0, z_coef=0.0)
-    return {'loss': ce, **_routing_metrics(aux)}
+    return {'loss': ce, **routing_metrics(aux)}
 
   return eval_step
+
+
+class Steps(NamedTuple):
+  """A run's compiled pieces. state is the nnx state of (model, optimizer), placed."""
+  graphdef: Any
+  state: Any
+  shardings: Any
+  train: Callable          # (state, batch) -> (state, metrics); donates state
+  eval: Callable           # (state, batch) -> metrics
+
+
+def build(spec: Spec, mesh: Mesh, model: TransformerLM | None = None) -> Steps:
+  """The model of spec (or `model`), its optimizer, the state on the mesh, and the
+  train and eval steps jitted with explicit shardings."""
+  if model is None:
+    model = TransformerLM(spec.model, mesh=mesh, rngs=nnx.Rngs(spec.seed))
+  opt = nnx.Optimizer(model, make_optimizer(spec), wrt=nnx.Param)
+  graphdef, state = nnx.split((model, opt))
+  shardings = sharding.state_shardings(state, mesh)
+  batch = sharding.batch_sharding(mesh)
+  train = jax.jit(make_train_step(graphdef, spec), in_shardings=(shardings, batch),
+                  out_shardings=(shardings, None), donate_argnums=0)
+  evaluate = jax.jit(make_eval_step(graphdef), in_shardings=(shardings, batch))
+  return Steps(graphdef, jax.device_put(state, shardings), shardings, train, evaluate)
 
 
 def bits_per_byte(nats_per_token: float) -> float:
