@@ -13,24 +13,21 @@
 """
 from __future__ import annotations
 
-import os
+import argparse
+import statistics
+import time
 
-os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                           ' --xla_force_host_platform_device_count=8').strip()
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
+import sparse_jax as sj
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+import common
 
-import sparse_jax as sj  # noqa: E402
+SEEDS = (0, 1)              # jax.random keys of inputs and cotangents; nnx.Rngs(0) weights
 
 
 def fwd_bwd(module, x):
@@ -66,7 +63,7 @@ def time_side_by_side(fns: dict, repeats: int) -> dict[str, float]:
 
 def bench_backends(t, d, f, e, repeats):
   x = jax.random.normal(jax.random.key(0), (1, t, d))
-  dense = sj.moe.DenseFFN(d, f, rngs=nnx.Rngs(0))
+  dense = sj.layers.DenseFFN(d, f, rngs=nnx.Rngs(0))
   fns = {}
   g, p = fwd_bwd(dense, x)
   fns['dense'] = lambda g=g, p=p: g(p, x)
@@ -132,20 +129,20 @@ def bench_expert_parallel(t, d, f, e, repeats):
                bytes_per_all_to_all_per_device=sent[k]) for k, v in secs.items()]
 
 
-def main():
+def main(argv=None):
+  common.setup_devices(8)
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument('--quick', action='store_true', help='T=2048, D=256, F=1024')
   ap.add_argument('--repeats', type=int, default=None)
   ap.add_argument('--json', metavar='PATH', help='also write the results as JSON')
-  a = ap.parse_args()
+  a = ap.parse_args(argv)
   t, d, f, e = (2048, 256, 1024, 8) if a.quick else (8192, 512, 2048, 8)
   repeats = a.repeats or (5 if a.quick else 7)
   mem_tokens = [1024, 2048, 4096, 8192] if a.quick else [1024, 2048, 4096, 8192, 16384]
-  machine = (f'{platform.machine()}, {os.cpu_count()} CPU cores, '
-             f'{jax.devices()[0].platform} x{jax.device_count()}, jax {jax.__version__}')
-  print(f'# MoE layer benchmark: T={t} D={d} F={f} E={e} top-1; {machine}')
-  res = dict(config=dict(tokens=t, d_model=d, d_ff=f, experts=e, repeats=repeats),
-             machine=machine)
+  meta = common.provenance(SEEDS, source=None)
+  print(common.header('MoE layer benchmark', meta) +
+        f'T={t} D={d} F={f} E={e} top-1; median of {repeats} interleaved runs.')
+  res = dict(config=dict(tokens=t, d_model=d, d_ff=f, experts=e, repeats=repeats))
   res['backends'] = bench_backends(t, d, f, e, repeats)
   print('\n| backend | cf | fwd+bwd time / dense FFN |\n|---|---|---|')
   for r in res['backends']:
@@ -163,8 +160,7 @@ def main():
     print(f"| {r['layout']} | {r['ratio_vs_expert_axis_1']:.3f} | "
           f"{r['bytes_per_all_to_all_per_device']:,} |")
   if a.json:
-    with open(a.json, 'w') as fh:
-      json.dump(res, fh, indent=1)
+    common.write_json(a.json, meta, **res)
 
 
 if __name__ == '__main__':

@@ -10,31 +10,28 @@ Batches are random tokens already on the mesh, so the numbers are the model's st
 """
 from __future__ import annotations
 
-import common  # noqa: F401  (first: sets up the 8 simulated devices)
-
 import argparse
-import json
-import os
-import pathlib
-import platform
 
 import jax
 
-from sparse_jax import models
-from sparse_jax.config import load_config, validate
+from sparse_jax.analysis.accounting import flops_from_config, params_from_config
+from sparse_jax.config import load_config, resolve
 
-CONFIGS = pathlib.Path(__file__).resolve().parents[1] / 'configs'
+import common
+
+CONFIGS = common.ROOT / 'configs'
 
 
-def main():
+def main(argv=None):
+  common.setup_devices(8)
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument('--quick', action='store_true')
   ap.add_argument('--steps', type=int, default=None, help='timed steps per model')
   ap.add_argument('--json', metavar='PATH')
-  a = ap.parse_args()
+  a = ap.parse_args(argv)
   variants = {'dense': ('dense.py', 8, 1), 'switch (expert axis 1)': ('switch.py', 8, 1),
               'switch (expert axis 8)': ('switch.py', 1, 8)}
-  configs = {}
+  specs = {}
   for name, (file, data, expert) in variants.items():
     c = load_config(CONFIGS / file)
     if a.quick:
@@ -43,24 +40,25 @@ def main():
       c.moe.num_experts = 8 if c.moe.num_experts else 0
       c.train.batch_size = 16
     c.mesh.data, c.mesh.expert = data, expert
-    validate(c, jax.device_count())
-    configs[name] = c
+    specs[name] = resolve(c, jax.device_count())
   n = a.steps or (20 if a.quick else 8)
-  sec = common.step_times(configs, n)
+  # Seeds: the configs' (weights) and step_times' random tokens' (0).
+  meta = common.provenance(sorted({0, *(s.seed for s in specs.values())}), source=None)
+  sec = common.step_times(specs, n)
   base = sec['dense']
-  machine = (f'{platform.machine()}, {os.cpu_count()} CPU cores, '
-             f'{jax.devices()[0].platform} x{jax.device_count()}, jax {jax.__version__}')
   rows = []
-  for name, c in configs.items():
-    counts, flops = models.count_params(c), models.flops_per_token(c)
-    rows.append(dict(model=name, mesh=f"{c.mesh.data}x{c.mesh.expert}",
+  for name, s in specs.items():
+    counts = params_from_config(s.model)
+    flops = flops_from_config(s.model, s.train.seq_len)
+    rows.append(dict(model=name, mesh=f"{s.mesh['data']}x{s.mesh['expert']}",
                      total_params=counts['total'], active_params=counts['active'],
                      train_flops_per_token=flops['train'],
                      tokens_per_s_ratio=base / sec[name],
                      step_time_ratio=sec[name] / base))
-  c0 = configs['dense']
-  print(f"# LM train-step benchmark: d_model={c0.model.d_model} layers={c0.model.num_layers} "
-        f"batch={c0.train.batch_size}x{c0.train.seq_len}; {machine}; median of {n} steps\n")
+  s0 = specs['dense']
+  print(common.header('LM train-step benchmark', meta) +
+        f"d_model={s0.model.d_model} layers={s0.model.num_layers} "
+        f"batch={s0.train.batch_size}x{s0.train.seq_len}; median of {n} steps\n")
   print('| model | mesh (data x expert) | total params | active params / token | '
         'train FLOPs / token | step time / dense | tokens/s / dense |')
   print('|---|---|---|---|---|---|---|')
@@ -69,8 +67,7 @@ def main():
           f"{r['train_flops_per_token']:.3g} | {r['step_time_ratio']:.3f} | "
           f"{r['tokens_per_s_ratio']:.3f} |")
   if a.json:
-    pathlib.Path(a.json).write_text(json.dumps(dict(machine=machine, steps=n, rows=rows),
-                                               indent=1))
+    common.write_json(a.json, meta, steps=n, rows=rows)
 
 
 if __name__ == '__main__':

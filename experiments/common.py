@@ -1,46 +1,47 @@
 """Shared plumbing of the experiment scripts.
 
-  - 8 simulated CPU devices (set before jax is imported: import this module first);
+  - `setup_devices(n)`: n simulated CPU devices; each script's main() calls it first;
   - `sized(preset)`: a base config at a preset's model and training sizes;
-  - `Runner`: trains configs in workdirs that resume after a crash (loop.train), under one
-    overall progress bar, and reads back their validation curves and routing metrics;
-  - `step_times`: train-step times of several configs, interleaved so drift hits all;
+  - `Runner` / `run_study`: train configs in workdirs named by config hash that resume
+    after a crash (loop.train), under one overall progress bar; a finished run is reused
+    only while the library source that trained it is unchanged;
+  - `step_times`: train-step times of several specs, interleaved so drift hits all;
   - `curve_at` / `steps_to`: read a validation curve at a step or at a target loss;
-  - `provenance` and `write_results`: every table carries its command, git revision,
-    machine, device count, corpus fingerprint and seeds.
+  - `provenance`, `header`, `report` and `write_results`: every table carries its
+    command, git revision, library hash, machine, device count, corpus and seeds.
 """
 from __future__ import annotations
 
+import argparse
+import contextlib
+import copy
+import csv
+import datetime
+import functools
+import hashlib
+import json
 import os
+import pathlib
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
 
-if 'xla_force_host_platform_device_count' not in os.environ.get('XLA_FLAGS', ''):
-  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                             ' --xla_force_host_platform_device_count=8').strip()
+import jax
+import numpy as np
+from tqdm import tqdm
 
-import contextlib  # noqa: E402
-import copy  # noqa: E402
-import csv  # noqa: E402
-import datetime  # noqa: E402
-import hashlib  # noqa: E402
-import json  # noqa: E402
-import pathlib  # noqa: E402
-import platform  # noqa: E402
-import shutil  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from sparse_jax import data, loop, sharding, steps  # noqa: E402
-from sparse_jax.config import base_config, validate  # noqa: E402
+import sparse_jax
+from sparse_jax import data, sharding
+from sparse_jax.config import Spec, base_config, resolve
+from sparse_jax.training import checkpoint, loop, steps
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / 'experiments' / 'results'
 RUNS = ROOT / 'runs'
+LIBRARY = pathlib.Path(sparse_jax.__file__).resolve().parent   # the code that runs
 
 # Model and training sizes shared by the scripts. 'smoke' exists for the tests only.
 SIZES = {
@@ -51,6 +52,18 @@ SIZES = {
     'full': dict(d_model=128, num_layers=4, num_heads=4, d_ff=512, batch_size=16,
                  seq_len=128, steps=250, warmup_steps=25, eval_every=25, eval_batches=8),
 }
+
+
+def setup_devices(n: int = 8) -> None:
+  """n simulated CPU devices. Must run before the first JAX computation; a process that
+  already runs on n devices (e.g. under the tests' conftest) is left as it is."""
+  try:
+    jax.config.update('jax_num_cpu_devices', n)
+  except RuntimeError:                        # backends already up: fine if they fit
+    if jax.device_count() != n:
+      raise RuntimeError(f'the experiments need {n} devices but JAX already started with '
+                         f'{jax.device_count()}; call common.setup_devices({n}) before any '
+                         'JAX computation') from None
 
 
 def sized(preset: str, **overrides):
@@ -72,17 +85,33 @@ def sized(preset: str, **overrides):
   return c
 
 
+def override(c, **values):
+  """A copy of config c with values set; a dict sets keys of that section:
+  override(c, seed=1, model=dict(activation='relu'))."""
+  c = copy.deepcopy(c)
+  for key, value in values.items():
+    if isinstance(value, dict):
+      for k, v in value.items():
+        c[key][k] = v
+    else:
+      c[key] = value
+  return c
+
+
 def moe(c, num_experts=8, k=1, capacity_factor=1.25, expert_axis=8, **fields):
   """A copy of c with Switch-style MoE blocks (every other block) on an expert-parallel
-  mesh of `expert_axis` devices."""
-  c = copy.deepcopy(c)
-  c.moe.num_experts, c.moe.k, c.moe.capacity_factor = num_experts, k, capacity_factor
-  c.moe.moe_every, c.moe.moe_offset = 2, 1
-  c.mesh.expert = expert_axis if num_experts % expert_axis == 0 else 1
-  c.mesh.data = 8 // c.mesh.expert
-  for key, value in fields.items():
-    c.moe[key] = value
-  return c
+  mesh of `expert_axis` devices; fields set other moe keys."""
+  expert = expert_axis if num_experts % expert_axis == 0 else 1
+  return override(c, moe=dict(num_experts=num_experts, k=k, capacity_factor=capacity_factor,
+                              moe_every=2, moe_offset=1, **fields),
+                  mesh=dict(expert=expert, data=8 // expert))
+
+
+def gmp(c, sparsity, **fields):
+  """A copy of c magnitude-pruned to `sparsity` on the GMP schedule, its masks updated 20
+  times over training; fields set other pruning keys."""
+  return override(c, pruning=dict(sparsity=sparsity,
+                                  update_every=max(1, c.train.steps // 20), **fields))
 
 
 def use_compilation_cache(runs_root: pathlib.Path):
@@ -93,45 +122,124 @@ def use_compilation_cache(runs_root: pathlib.Path):
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
 
 
+# ---------------------------------------------------------------- code identity
+
+def _git(*args) -> str:
+  return subprocess.run(['git', *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+
+def git_rev() -> str:
+  """Short HEAD revision, '+uncommitted' when tracked files differ from it."""
+  dirty = _git('status', '--porcelain', '--untracked-files=no')
+  return _git('rev-parse', '--short', 'HEAD') + ('+uncommitted' if dirty else '')
+
+
+@functools.cache
+def library_hash(root: pathlib.Path = LIBRARY) -> str:
+  """sha256 over the library's *.py files in path order (each path and its contents'
+  sha256): what decides whether a finished run is still the code that runs now. Cached:
+  the code a process runs is the code it imported at the start."""
+  h = hashlib.sha256()
+  for path in sorted(root.rglob('*.py'), key=lambda p: p.relative_to(root).as_posix()):
+    h.update(f'{path.relative_to(root).as_posix()}\0'.encode())
+    h.update(hashlib.sha256(path.read_bytes()).digest())
+  return h.hexdigest()
+
+
+def code_version() -> dict:
+  return {'git_rev': git_rev(), 'library_sha256': library_hash()}
+
+
+# ------------------------------------------------------------------------ runs
+
 class RunError(RuntimeError):
   """A training run exited non-zero; its log names the cause."""
 
 
-class Runner:
-  """Trains named configs under runs/<study>/<name>, one overall progress bar.
+def run_name(config) -> str:
+  """The workdir name of a config, the only one: identical configs (in one script or
+  across scripts sharing a study) train once."""
+  return hashlib.sha1(config.to_json().encode()).hexdigest()[:12]
 
-  A workdir whose saved config equals the new one resumes (or is reused when finished);
-  one with another config is wiped, so results always come from the code that ran.
+
+def stale(workdir: pathlib.Path, config, library: str) -> str | None:
+  """Why an existing workdir cannot be resumed or reused (None: it can, or is new).
+  It records the config (config.json) and the code (code.json) that trained it."""
+  if not workdir.exists():
+    return None
+  saved, code = workdir / 'config.json', workdir / 'code.json'
+  if not saved.exists() or saved.read_text() != config.to_json():
+    return 'its config differs'
+  recorded = json.loads(code.read_text())['library_sha256'] if code.exists() else 'unrecorded'
+  if recorded != library:
+    return f'library source changed (sha256 {recorded[:12]} -> {library[:12]})'
+  return None
+
+
+class Runner:
+  """Trains configs under runs/<study>/<run_name(config)>, one overall progress bar.
+
+  A workdir is resumed (or reused when finished) only when its saved config and library
+  hash equal today's; otherwise it is wiped and retrained, so results always come from
+  the code that runs now.
   """
 
   def __init__(self, study: str, total_steps: int, root: pathlib.Path = RUNS):
     use_compilation_cache(root)
     self.root = root / study
+    self.code = code_version()
     self.bar = tqdm(total=total_steps, unit='step', dynamic_ncols=True, desc=study)
 
-  def train(self, name: str, config, label: str | None = None) -> dict:
-    validate(config, jax.device_count())
-    workdir = self.root / name
-    saved = workdir / 'config.json'
-    if saved.exists() and saved.read_text() != config.to_json():
+  def train(self, config, label: str) -> dict:
+    """{curve, val_loss, ...} of read_run, plus the workdir, the resolved spec and the
+    code record (git_rev, library_sha256) of the run that trained it."""
+    spec = resolve(config, jax.device_count())
+    workdir = self.root / run_name(config)
+    why = stale(workdir, config, self.code['library_sha256'])
+    if why:
       shutil.rmtree(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    saved.write_text(config.to_json())
-    self.bar.set_description(label or name)
-    with open(workdir / 'log.txt', 'a') as log, contextlib.redirect_stdout(log):
-      code = loop.train(config, workdir, progress=self.bar)
+    (workdir / 'config.json').write_text(config.to_json())
+    if not (workdir / 'code.json').exists():                  # kept: who trained it
+      (workdir / 'code.json').write_text(json.dumps(self.code))
+    self.bar.set_description(label)
+    with open(workdir / 'log.txt', 'a') as log:
+      if why:
+        note = f'{label}: retraining in {workdir}: {why}'
+        self.bar.write(note)                                  # the console
+        print(note, file=log)                                 # and the run's own log
+      with contextlib.redirect_stdout(log):
+        code = loop.train(config, workdir, progress=self.bar)
     if code:
-      raise RunError(f'run {label or name} exited with {code}; see {workdir / "log.txt"}')
-    return read_run(workdir) | {'workdir': workdir}
+      raise RunError(f'run {label} exited with {code}; see {workdir / "log.txt"}')
+    return read_run(workdir) | {'workdir': workdir, 'spec': spec,
+                                'code': json.loads((workdir / 'code.json').read_text())}
 
   def train_all(self, configs: dict) -> dict:
-    """{label: config} -> {label: result}. Workdirs are named by a hash of the config, so
-    identical configs (in one script or across scripts sharing a study) train once."""
-    return {label: self.train(hashlib.sha1(c.to_json().encode()).hexdigest()[:12], c, label)
-            for label, c in configs.items()}
+    """{label: config} -> {label: result}."""
+    return {label: self.train(c, label) for label, c in configs.items()}
 
   def close(self):
     self.bar.close()
+
+
+def run_study(study: str, preset: str, configs: dict, runs_root: pathlib.Path) -> dict:
+  """Train {label: config} under one progress bar in runs/<study>_<preset>; {label: result}."""
+  runner = Runner(f'{study}_{preset}', sum(c.train.steps for c in configs.values()),
+                  root=runs_root)
+  try:
+    return runner.train_all(configs)
+  finally:
+    runner.close()
+
+
+def run_seeds(study: str, args, variants: dict, seeds) -> dict[str, list[dict]]:
+  """Train every {label: config} at every seed (seed-major, so each variant has a first
+  seed early) in one study; {label: [result per seed]}."""
+  configs = {f'{label} seed {s}': override(c, seed=s)
+             for s in seeds for label, c in variants.items()}
+  res = run_study(study, args.preset, configs, args.runs)
+  return {label: [res[f'{label} seed {s}'] for s in seeds] for label in variants}
 
 
 def read_run(workdir: pathlib.Path, tail: float = 0.2) -> dict:
@@ -155,24 +263,40 @@ def read_run(workdir: pathlib.Path, tail: float = 0.2) -> dict:
   return out
 
 
-def step_fn(config):
-  """A jitted train step on config's mesh, its state and a random batch on the mesh."""
-  mesh = sharding.make_mesh(config.mesh.data, config.mesh.expert, config.mesh.model)
-  graphdef, state, sh = loop.build_state(config, mesh)
-  fn = jax.jit(steps.make_train_step(graphdef, config),
-               in_shardings=(sh, sharding.batch_sharding(mesh)), out_shardings=(sh, None),
-               donate_argnums=0)
-  t = config.train
+def load(result: dict):
+  """(spec, model, mesh) of a finished run from Runner.train."""
+  mesh = loop.make_mesh(result['spec'])
+  _, spec, model = checkpoint.load_model(result['workdir'], mesh)
+  return spec, model, mesh
+
+
+def validation_tokens(spec: Spec, batches: int = 1) -> np.ndarray:
+  """The first `batches` validation batches' inputs, int32[batches * batch_size, seq_len]."""
+  it = data.make_iterator(spec.data_source, 'validation', seq_len=spec.train.seq_len,
+                          batch_size=spec.train.batch_size, seed=0, shuffle=False,
+                          repeat=False, data_dir=spec.data_dir)
+  out = [next(it)['inputs'] for _ in range(batches)]
+  it.close()
+  return np.concatenate(out)
+
+
+# ---------------------------------------------------------------------- timing
+
+def _random_batch_step(spec: Spec):
+  """[train step, its state, a batch of random tokens on spec's mesh]."""
+  mesh = loop.make_mesh(spec)
+  s = steps.build(spec, mesh)
+  t = spec.train
   tokens = np.random.default_rng(0).integers(0, 256, (t.batch_size, t.seq_len + 1))
   batch = sharding.put_batch({'inputs': tokens[:, :-1].astype(np.int32),
                               'targets': tokens[:, 1:].astype(np.int32)}, mesh)
-  return fn, state, batch
+  return [s.train, s.state, batch]
 
 
-def step_times(configs: dict, n: int = 8) -> dict[str, float]:
-  """Median seconds per train step of each config, measured interleaved after 2 warm-up
+def step_times(specs: dict[str, Spec], n: int = 8) -> dict[str, float]:
+  """Median seconds per train step of each spec, measured interleaved after 2 warm-up
   steps (the batches are random tokens already on the mesh: model time, not input)."""
-  runs = {name: list(step_fn(c)) for name, c in configs.items()}
+  runs = {name: _random_batch_step(s) for name, s in specs.items()}
   times = {name: [] for name in runs}
   for it in range(n + 2):
     for name, r in runs.items():
@@ -183,6 +307,13 @@ def step_times(configs: dict, n: int = 8) -> dict[str, float]:
         times[name].append(time.perf_counter() - t0)
   return {name: statistics.median(t) for name, t in times.items()}
 
+
+def timed_steps(preset: str) -> int:
+  """Timed steps per model in step_times: few for the tests."""
+  return 3 if preset == 'smoke' else 8
+
+
+# -------------------------------------------------------------------- numbers
 
 def curve_at(curve, step: float) -> float | None:
   """Validation loss at `step`, linear between evaluations; None outside the curve."""
@@ -211,32 +342,41 @@ def fmt(mean: float, std: float | None = None, digits: int = 4) -> str:
   return f'{mean:.{digits}f}' + (f' ± {std:.{digits}f}' if std else '')
 
 
-def provenance(seeds, source: str = 'stdlib') -> dict:
-  """What a reader needs to rerun a table: command, revision, machine, data, seeds."""
-  info = data.prepare(source, None, verbose=False)
-  rev = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=ROOT,
-                       capture_output=True, text=True).stdout.strip()
-  dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=ROOT,
-                         capture_output=True, text=True).stdout.strip()
-  return {
+# -------------------------------------------------------------------- reports
+
+def provenance(seeds, source: str | None = 'stdlib') -> dict:
+  """What a reader needs to rerun a table: command, revision, library hash, machine,
+  data (source None: no corpus, e.g. a benchmark on random tokens) and seeds."""
+  meta = {
       'command': ' '.join(['python', os.path.relpath(os.path.abspath(sys.argv[0]), ROOT)] +
                           sys.argv[1:]),
-      'git_rev': rev + ('+uncommitted' if dirty else ''),
+      **code_version(),
       'date': datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'),
       'machine': f'{platform.machine()}, {os.cpu_count()} CPU cores',
       'devices': f'{jax.device_count()} x {jax.devices()[0].platform}',
       'jax': jax.__version__,
-      'corpus': {'source': info['source'], 'fingerprint': info.get('fingerprint')},
-      'seeds': list(seeds),
   }
+  if source is not None:
+    info = data.prepare(source, None, verbose=False)
+    meta['corpus'] = {'source': info['source'], 'fingerprint': info.get('fingerprint')}
+  return meta | {'seeds': list(seeds)}
 
 
 def header(title: str, meta: dict) -> str:
-  fp = meta['corpus']['fingerprint'] or {}
-  fp_text = ', '.join(f'{k} {v}' for k, v in fp.items()) if isinstance(fp, dict) else fp
-  return (f'# {title}\n\n`{meta["command"]}` at git {meta["git_rev"]}, {meta["date"]}; '
-          f'{meta["machine"]}, {meta["devices"]}, jax {meta["jax"]}; corpus '
-          f'{meta["corpus"]["source"]} ({fp_text}); seeds {meta["seeds"]}.\n\n')
+  """'# title' and one line of provenance, for the top of every markdown table."""
+  corpus = ''
+  if 'corpus' in meta:
+    fp = meta['corpus']['fingerprint'] or {}
+    fp_text = ', '.join(f'{k} {v}' for k, v in fp.items()) if isinstance(fp, dict) else fp
+    corpus = f'; corpus {meta["corpus"]["source"]} ({fp_text})'
+  return (f'# {title}\n\n`{meta["command"]}` at git {meta["git_rev"]} (library sha256 '
+          f'{meta["library_sha256"][:12]}), {meta["date"]}; {meta["machine"]}, '
+          f'{meta["devices"]}, jax {meta["jax"]}{corpus}; seeds {meta["seeds"]}.\n\n')
+
+
+def write_json(path: pathlib.Path, meta: dict, **fields) -> None:
+  """{'meta': provenance, **fields} as JSON: provenance first."""
+  pathlib.Path(path).write_text(json.dumps({'meta': meta, **fields}, indent=1, default=float))
 
 
 def write_results(stem: str, markdown: str, rows: list[dict], meta: dict,
@@ -244,8 +384,7 @@ def write_results(stem: str, markdown: str, rows: list[dict], meta: dict,
   """<stem>.md (the markdown as given), .csv (rows) and .json (meta + rows)."""
   out_dir.mkdir(parents=True, exist_ok=True)
   (out_dir / f'{stem}.md').write_text(markdown)
-  (out_dir / f'{stem}.json').write_text(json.dumps({'meta': meta, 'rows': rows}, indent=1,
-                                                   default=float))
+  write_json(out_dir / f'{stem}.json', meta, rows=rows)
   keys = list(dict.fromkeys(k for r in rows for k in r if not isinstance(r[k], (list, dict))))
   with open(out_dir / f'{stem}.csv', 'w', newline='') as f:
     w = csv.DictWriter(f, keys, extrasaction='ignore')
@@ -260,50 +399,37 @@ def table(columns: list[str], rows: list[list]) -> str:
   return '\n'.join(lines) + '\n'
 
 
-def common_args(ap, default_preset='quick'):
-  ap.add_argument('--preset', choices=sorted(SIZES), default=default_preset,
-                  help="sizes and budget ('smoke' is for the tests)")
-  ap.add_argument('--out', type=pathlib.Path, default=RESULTS, help='results folder')
-  ap.add_argument('--runs', type=pathlib.Path, default=RUNS,
-                  help='workdirs (checkpoints resume after a crash)')
-  return ap
-
-
 def verdict(claim: str, holds: bool, evidence: str) -> str:
   """One line saying whether a published trend holds in this run, with the numbers."""
   return f"- {claim}: **{'holds' if holds else 'does not hold'}** here ({evidence}).\n"
 
 
-def run_study(study: str, preset: str, configs: dict, runs_root: pathlib.Path) -> dict:
-  """Train {label: config} under one progress bar; {label: result}."""
-  runner = Runner(f'{study}_{preset}', sum(c.train.steps for c in configs.values()),
-                  root=runs_root)
-  try:
-    return runner.train_all(configs)
-  finally:
-    runner.close()
-
-
-def validation_tokens(config, batches: int = 1) -> np.ndarray:
-  """The first `batches` validation batches' inputs, int32[batches * batch_size, seq_len]."""
-  it = data.make_iterator(config.data.source, 'validation', seq_len=config.train.seq_len,
-                          batch_size=config.train.batch_size, seed=0, shuffle=False,
-                          repeat=False, data_dir=config.data.data_dir or None)
-  out = [next(it)['inputs'] for _ in range(batches)]
-  it.close()
-  return np.concatenate(out)
-
-
-def load(result: dict):
-  """(config, model, mesh) of a finished run from Runner.train."""
-  config = json.loads((result['workdir'] / 'config.json').read_text())
-  mesh = sharding.make_mesh(config['mesh']['data'], config['mesh']['expert'],
-                            config['mesh']['model'])
-  config, model = loop.load_model(result['workdir'], mesh)
-  return config, model, mesh
+def report(stem: str, args, title: str, meta: dict, rows: list[dict], body: str,
+           verdicts=(), footer: str = '') -> pathlib.Path:
+  """A study's report: header, body (preamble and tables), the (claim, holds, evidence)
+  verdicts under '## Trends', footer. Written to <args.out>/<stem>_<args.preset>.{md,csv,
+  json} and printed; returns the .md path."""
+  md = header(title, meta) + body
+  if verdicts:
+    md += '\n## Trends\n\n' + ''.join(verdict(*v) for v in verdicts)
+  md += footer
+  path = write_results(f'{stem}_{args.preset}', md, rows, meta, args.out)
+  print(md)
+  return path
 
 
 def describe(c) -> str:
   """'200 steps of 16x128 bytes, d_model 128, 4 layers' for a table's preamble."""
   return (f'{c.train.steps} steps of {c.train.batch_size}x{c.train.seq_len} bytes, d_model '
           f'{c.model.d_model}, {c.model.num_layers} layers')
+
+
+def study_args(doc: str, argv=None) -> argparse.Namespace:
+  """--preset, --out and --runs of a study script (doc: its docstring)."""
+  ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+  ap.add_argument('--preset', choices=sorted(SIZES), default='quick',
+                  help="sizes and budget ('smoke' is for the tests)")
+  ap.add_argument('--out', type=pathlib.Path, default=RESULTS, help='results folder')
+  ap.add_argument('--runs', type=pathlib.Path, default=RUNS,
+                  help='workdirs (checkpoints resume after a crash)')
+  return ap.parse_args(argv)

@@ -23,17 +23,19 @@ Workdirs under runs/compare_<preset>/ resume after a crash; rerunning reuses fin
 """
 from __future__ import annotations
 
-import common  # noqa: F401  (first: sets up the 8 simulated devices)
-
-import argparse
-import copy
+import dataclasses
 
 import jax
 import numpy as np
 from flax import nnx
 
-from sparse_jax import loop, models
-from sparse_jax.compaction import compact
+from sparse_jax.analysis.accounting import flops_from_config, params_from_config
+from sparse_jax.config import model_spec
+from sparse_jax.models import TransformerLM
+from sparse_jax.pruning.compaction import compact
+from sparse_jax.training import loop
+
+import common
 from common import curve_at, fmt, mean_std, steps_to
 
 SEEDS = {'smoke': [0], 'quick': [0], 'full': [0, 1, 2]}
@@ -42,98 +44,89 @@ BYTES_PER_PARAM = 4                                   # float32 parameters
 
 def model_configs(c) -> dict:
   """name -> (config, matched-on view), all derived from dense-small `c`."""
-  d_ff, t = c.model.d_ff, c.train
+  d_ff = c.model.d_ff
   out = {'dense-small': (c, 'baseline'),
          'switch': (common.moe(c, 8, k=1), 'FLOPs'),
          'top2-half': (common.moe(c, 8, k=2, d_ff=d_ff // 2), 'FLOPs'),
          'top2-full': (common.moe(c, 8, k=2), 'total params')}
   for name, width, sparsity, structure in (('large-sparse', 8, 0.875, ''),
                                            ('structured', 4, 0.75, 'ffn_neurons')):
-    p = copy.deepcopy(c)
-    p.model.d_ff = width * d_ff
-    p.pruning.sparsity, p.pruning.targets, p.pruning.structure = sparsity, 'ffn', structure
-    p.pruning.update_every = max(1, t.steps // 20)
+    p = common.gmp(common.override(c, model=dict(d_ff=width * d_ff)), sparsity,
+                   targets='ffn', structure=structure)
     out[name] = (p, 'non-zero FLOPs' if not structure else 'FLOPs after compaction')
   # Dense-large: the FFN width (a multiple of 16) giving switch's total parameters; a dense
   # model's total is linear in d_ff.
-  big = copy.deepcopy(c)
-  big.model.d_ff = 0
-  fixed = models.count_params(big)['total']
-  per_neuron = (models.count_params(c)['total'] - fixed) / d_ff
-  switch_total = models.count_params(out['switch'][0])['total']
-  big.model.d_ff = int(round((switch_total - fixed) / per_neuron / 16)) * 16
+  total = lambda config: params_from_config(model_spec(config))['total']
+  fixed = total(common.override(c, model=dict(d_ff=0)))
+  per_neuron = (total(c) - fixed) / d_ff
+  switch_total = total(out['switch'][0])
+  big = common.override(c, model=dict(d_ff=int(round((switch_total - fixed) / per_neuron / 16))
+                                      * 16))
   out['dense-large'] = (big, 'total params')
   return out
 
 
 def compacted(result):
-  """(compacted config, masked val loss, compacted val loss) of a finished structured run.
-  Kept neurons are the columns of wi [D, F] that pruning left non-zero."""
-  config, model, mesh = common.load(result)
-  masked = loop.evaluate(config, model, mesh)['loss']
+  """(compacted spec, masked val loss, compacted val loss) of a finished structured run.
+  Kept neurons are the columns of wi [D, F] that pruning left non-zero; the compacted
+  model has no pruner (nothing is left to prune)."""
+  spec, model, mesh = common.load(result)
+  masked = loop.evaluate(spec, model, mesh)['loss']
   kept = {}
   for i, block in enumerate(model.blocks):
     wi = np.asarray(block.ffn.wi[...])                                  # [D, F]
     kept[('blocks', i, 'ffn')] = np.flatnonzero(np.any(wi != 0, axis=0))
-  small_config, small_state = compact(config, nnx.state(model), kept)
-  small_config.pruning.sparsity = 0.0
+  small_model, small_state = compact(spec.model, nnx.state(model), kept)
+  small_spec = dataclasses.replace(spec, model=small_model, pruning=None)
   with jax.set_mesh(mesh):
-    small = models.TransformerLM(small_config.model, small_config.moe, mesh=mesh,
-                                 rngs=nnx.Rngs(0))
+    small = TransformerLM(small_model, mesh=mesh, rngs=nnx.Rngs(0))
   nnx.update(small, small_state)
-  return small_config, masked, loop.evaluate(small_config, small, mesh)['loss']
+  return small_spec, masked, loop.evaluate(small_spec, small, mesh)['loss']
 
 
 def main(argv=None):
-  ap = common.common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
-  a = ap.parse_args(argv)
+  common.setup_devices(8)
+  a = common.study_args(__doc__, argv)
   base = common.sized(a.preset)
   seeds = SEEDS[a.preset]
   meta = common.provenance(seeds)
-  specs = model_configs(base)
-  runner = common.Runner(f'compare_{a.preset}', len(seeds) * len(specs) * base.train.steps,
-                         root=a.runs)
-  results = {name: [] for name in specs}
-  small = None
-  for seed in seeds:
-    for name, (config, _) in specs.items():
-      config = copy.deepcopy(config)
-      config.seed = seed
-      r = runner.train(f'{name}/seed{seed}', config)
-      if name == 'structured':
-        small, r['masked_loss'], r['compacted_loss'] = compacted(r)
-        runner.bar.write(f'structured seed {seed}: val loss masked {r["masked_loss"]:.5f}, '
-                         f'compacted {r["compacted_loss"]:.5f}')
-      results[name].append(r)
-  runner.bar.set_description('step times')
-  timed = {name: c for name, (c, _) in specs.items()}
+  variants = model_configs(base)
+  results = common.run_seeds('compare', a, {name: c for name, (c, _) in variants.items()},
+                             seeds)
+  for seed, r in zip(seeds, results['structured']):
+    small, r['masked_loss'], r['compacted_loss'] = compacted(r)
+    print(f'structured seed {seed}: val loss masked {r["masked_loss"]:.5f}, '
+          f'compacted {r["compacted_loss"]:.5f}')
+  # Step time does not depend on the seed: the first seed's runs stand for all.
+  timed = {name: runs[0]['spec'] for name, runs in results.items()}
   timed['structured (compacted)'] = small
-  sec = common.step_times(timed, n=3 if a.preset == 'smoke' else 8)
-  runner.close()
+  sec = common.step_times(timed, n=common.timed_steps(a.preset))
 
-  rows = summarize(specs, results, sec, small)
-  md = render(rows, meta, a.preset, base, sec)
-  path = common.write_results(f'compare_{a.preset}', md, rows, meta | {'step_seconds': sec},
-                              a.out)
+  rows = summarize(variants, results, sec, small.model)
+  path = common.report('compare', a, f'Dense vs MoE vs pruned under matched compute '
+                       f'({a.preset})', meta | {'step_seconds': sec}, rows,
+                       render(rows, base, sec))
   plot(rows, sec, base, a.out / f'compare_{a.preset}.png')
-  print(md)
   print(f'wrote {path} (+ .csv .json .png)')
 
 
-def summarize(specs, results, sec, small) -> list[dict]:
+def summarize(variants, results, sec, small) -> list[dict]:
+  """One row per model; small is the compacted structured model's ModelSpec."""
   base_runs, t0 = results['dense-small'], sec['dense-small']
   base_steps = base_runs[0]['steps']
+  seq_len = base_runs[0]['spec'].train.seq_len
+  train_flops = lambda m: flops_from_config(m, seq_len)['train']
   rows = []
-  for name, (c, view) in specs.items():
+  for name, (c, view) in variants.items():
     runs = results[name]
-    shape = small if name == 'structured' else c          # deployed shape
-    counts = models.count_params(shape)
+    shape = small if name == 'structured' else model_spec(c)   # deployed shape
+    counts = params_from_config(shape)
     emb = counts['embedding']
-    flops = models.flops_per_token(c)['train']
+    flops = train_flops(model_spec(c))
     nonzero = [r['nonzero_params'] - emb for r in runs if 'nonzero_params' in r]
-    nz_flops = models.flops_per_token(_nonzero_equivalent(c))['train'] if nonzero else flops
+    nz_flops = train_flops(_nonzero_equivalent(c)) if nonzero else flops
     if name == 'structured':
-      nonzero, nz_flops = [], models.flops_per_token(small)['train']
+      nonzero, nz_flops = [], train_flops(small)
     to_target = [steps_to(r['curve'], b['val_loss']) for r, b in zip(runs, base_runs)]
     at_clock = [curve_at(r['curve'], base_steps * t0 / sec[name]) for r in runs]
     row = dict(model=name, matched_on=view, total_params=counts['total'],
@@ -160,21 +153,20 @@ def summarize(specs, results, sec, small) -> list[dict]:
 
 
 def _nonzero_equivalent(c):
-  """The dense shape with as many FFN FLOPs as c's non-zero FFN weights."""
-  c = copy.deepcopy(c)
-  c.model.d_ff = round(c.model.d_ff * (1 - c.pruning.sparsity))
-  return c
+  """The dense shape (a ModelSpec) with as many FFN FLOPs as c's non-zero FFN weights."""
+  m = model_spec(c)
+  return dataclasses.replace(m, d_ff=round(m.d_ff * (1 - c.pruning.sparsity)))
 
 
-def render(rows, meta, preset, base, sec) -> str:
+def render(rows, base, sec) -> str:
   t = base.train
-  out = common.header(f'Dense vs MoE vs pruned under matched compute ({preset})', meta)
-  out += (f'Byte-level LM, d_model {base.model.d_model}, {base.model.num_layers} layers, '
-          f'{t.steps} steps of {t.batch_size}x{t.seq_len} tokens, AdamW lr {t.lr}, '
-          f'validation on {t.eval_batches} batches. Params exclude embeddings '
-          f'({models.count_params(base)["embedding"]:,}); param memory includes them (fp32). '
-          "Time = measured step time (interleaved, random tokens) x steps, relative to "
-          "dense-small's whole run.\n\n")
+  emb = params_from_config(model_spec(base))['embedding']
+  out = (f'Byte-level LM, d_model {base.model.d_model}, {base.model.num_layers} layers, '
+         f'{t.steps} steps of {t.batch_size}x{t.seq_len} tokens, AdamW lr {t.lr}, '
+         f'validation on {t.eval_batches} batches. Params exclude embeddings '
+         f'({emb:,}); param memory includes them (fp32). '
+         "Time = measured step time (interleaved, random tokens) x steps, relative to "
+         "dense-small's whole run.\n\n")
   cols = ['model', 'matched on', 'total params', 'active / token', 'non-zero', 'param memory',
           'train FLOPs / token (non-zero)', 'step time', 'val loss', 'bits / byte',
           "steps to dense-small's loss", 'time to it', "loss at dense-small's time",

@@ -10,11 +10,8 @@ Paper [S]: loss-free gives better perplexity and far lower MaxVio than the aux l
 """
 from __future__ import annotations
 
-import common  # noqa: F401  (first: sets up the 8 simulated devices)
-
-import argparse
-
-from common import fmt, verdict
+import common
+from common import fmt
 
 VARIANTS = {'no balancing': dict(balancing='aux_loss', load_balance_coef=0.0),
             'aux loss 0.01': dict(balancing='aux_loss', load_balance_coef=0.01),
@@ -23,8 +20,8 @@ VARIANTS = {'no balancing': dict(balancing='aux_loss', load_balance_coef=0.0),
 
 
 def main(argv=None):
-  ap = common.common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
-  a = ap.parse_args(argv)
+  common.setup_devices(8)
+  a = common.study_args(__doc__, argv)
   base = common.sized(a.preset)
   cfgs = {name: common.moe(base, 8, k=1, **fields) for name, fields in VARIANTS.items()}
   meta = common.provenance([base.seed])
@@ -33,23 +30,21 @@ def main(argv=None):
                dropped_fraction=r['dropped_fraction'], val_loss=r['val_loss'],
                router_entropy=r['router_entropy']) for name, r in res.items()]
   none, aux, free = rows
-  md = common.header('Loss-free balancing vs aux-loss balancing', meta)
-  md += (common.describe(base) + ", switch top-1 over 8 experts, cf 1.25; routing "
-         'metrics averaged over the last 20% of training steps.\n\n')
-  md += common.table(
+  body = (common.describe(base) + ", switch top-1 over 8 experts, cf 1.25; routing "
+          'metrics averaged over the last 20% of training steps.\n\n')
+  body += common.table(
       ['balancing', 'max violation', 'dropped', 'router entropy', 'val loss'],
       [[r['balancing'], fmt(r['max_violation'], digits=3), fmt(r['dropped_fraction'], digits=3),
         fmt(r['router_entropy'], digits=3), fmt(r['val_loss'])] for r in rows])
-  md += '\n## Trends\n\n'
-  md += verdict('Loss-free balancing has a lower MaxVio than the aux loss',
-                free['max_violation'] < aux['max_violation'],
-                f"{free['max_violation']:.3f} vs {aux['max_violation']:.3f} "
-                f"(unbalanced: {none['max_violation']:.3f})")
-  md += verdict('Loss-free balancing reaches a lower loss than the aux loss',
-                free['val_loss'] < aux['val_loss'],
-                f"{free['val_loss']:.4f} vs {aux['val_loss']:.4f}")
-  common.write_results(f'loss_free_{a.preset}', md, rows, meta, a.out)
-  print(md)
+  verdicts = [
+      ('Loss-free balancing has a lower MaxVio than the aux loss',
+       free['max_violation'] < aux['max_violation'],
+       f"{free['max_violation']:.3f} vs {aux['max_violation']:.3f} "
+       f"(unbalanced: {none['max_violation']:.3f})"),
+      ('Loss-free balancing reaches a lower loss than the aux loss',
+       free['val_loss'] < aux['val_loss'], f"{free['val_loss']:.4f} vs {aux['val_loss']:.4f}")]
+  common.report('loss_free', a, 'Loss-free balancing vs aux-loss balancing', meta, rows, body,
+                verdicts)
 
 
 if __name__ == '__main__':

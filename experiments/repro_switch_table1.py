@@ -10,11 +10,8 @@ perplexity on C4 span corruption). Step time is measured side by side.
 """
 from __future__ import annotations
 
-import common  # noqa: F401  (first: sets up the 8 simulated devices)
-
-import argparse
-
-from common import fmt, verdict
+import common
+from common import fmt
 
 CFS = (1.0, 1.25, 2.0)
 # Table 1 [V]: (quality @100k steps, examples/s); T5-Base is the FLOP-matched dense model.
@@ -33,13 +30,14 @@ def configs(base) -> dict:
 
 
 def main(argv=None):
-  ap = common.common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
-  a = ap.parse_args(argv)
+  common.setup_devices(8)
+  a = common.study_args(__doc__, argv)
   base = common.sized(a.preset)
   cfgs = configs(base)
   meta = common.provenance([base.seed])
   res = common.run_study('repro', a.preset, cfgs, a.runs)
-  sec = common.step_times(cfgs, n=3 if a.preset == 'smoke' else 8)
+  sec = common.step_times({name: r['spec'] for name, r in res.items()},
+                          n=common.timed_steps(a.preset))
   rows = []
   for name, r in res.items():
     rows.append(dict(model=name, quality=-r['val_loss'], val_loss=r['val_loss'],
@@ -48,11 +46,10 @@ def main(argv=None):
                      paper_quality=PAPER[name][0],
                      paper_speed_ratio=PAPER['dense'][1] / PAPER[name][1]))
   by = {r['model']: r for r in rows}
-  md = common.header('Switch Transformer Table 1 at small scale', meta)
-  md += (common.describe(base) + ", 8 experts; paper: "
-         'T5-Base, 128 experts, 100k steps (Table 1 [V]). Paper step time = examples/s of '
-         'T5-Base / examples/s of the model.\n\n')
-  md += common.table(
+  body = (common.describe(base) + ", 8 experts; paper: "
+          'T5-Base, 128 experts, 100k steps (Table 1 [V]). Paper step time = examples/s of '
+          'T5-Base / examples/s of the model.\n\n')
+  body += common.table(
       ['model', 'quality (−val loss)', 'dropped', 'step time / dense', 'paper quality',
        'paper step time / dense'],
       [[r['model'], fmt(r['quality']), fmt(r['dropped_fraction'], digits=3),
@@ -60,36 +57,34 @@ def main(argv=None):
         f"{r['paper_speed_ratio']:.2f}x"] for r in rows])
   sw = [by[f'switch cf {cf}'] for cf in CFS]
   t2 = [by[f'top-2 cf {cf}'] for cf in CFS]
-  md += '\n## Trends\n\n'
   best = max(sw + t2, key=lambda r: r['quality'])
-  md += verdict('Every MoE variant beats the FLOP-matched dense model',
-                all(r['quality'] > by['dense']['quality'] for r in sw + t2),
-                f"dense {fmt(by['dense']['quality'])}, worst MoE "
-                f"{fmt(min(r['quality'] for r in sw + t2))}")
-  md += verdict('Quality rises with the capacity factor (paper: top-2 -1.572 at cf 1.0 -> '
-                '-1.547 at 2.0; switch -1.561 -> -1.554)',
-                all(fam[2]['quality'] > fam[0]['quality'] for fam in (sw, t2)),
-                f"top-2 {fmt(t2[0]['quality'])} -> {fmt(t2[2]['quality'])}, switch "
-                f"{fmt(sw[0]['quality'])} -> {fmt(sw[2]['quality'])}")
-  md += verdict('A larger capacity factor drops fewer tokens',
-                all(x['dropped_fraction'] >= y['dropped_fraction']
-                    for fam in (sw, t2) for x, y in zip(fam, fam[1:])),
-                'dropped ' + ', '.join(f"{r['model']} {r['dropped_fraction']:.3f}"
-                                       for r in sw + t2))
-  md += verdict('A larger capacity factor costs step time',
-                sw[2]['step_time_ratio'] > sw[0]['step_time_ratio'] and
-                t2[2]['step_time_ratio'] > t2[0]['step_time_ratio'],
-                f"switch cf 1.0 {sw[0]['step_time_ratio']:.2f}x -> cf 2.0 "
-                f"{sw[2]['step_time_ratio']:.2f}x; top-2 {t2[0]['step_time_ratio']:.2f}x -> "
-                f"{t2[2]['step_time_ratio']:.2f}x")
-  md += verdict('Top-2 is slower per step than switch at the same cf',
-                all(x['step_time_ratio'] > y['step_time_ratio'] for x, y in zip(t2, sw)),
-                ', '.join(f"cf {cf}: {x['step_time_ratio']:.2f}x vs {y['step_time_ratio']:.2f}x"
-                          for cf, x, y in zip(CFS, t2, sw)))
-  md += f"\nBest quality here: {best['model']} ({fmt(best['quality'])}).\n"
-  common.write_results(f'switch_table1_{a.preset}', md, rows, meta | {'step_seconds': sec},
-                       a.out)
-  print(md)
+  verdicts = [
+      ('Every MoE variant beats the FLOP-matched dense model',
+       all(r['quality'] > by['dense']['quality'] for r in sw + t2),
+       f"dense {fmt(by['dense']['quality'])}, worst MoE "
+       f"{fmt(min(r['quality'] for r in sw + t2))}"),
+      ('Quality rises with the capacity factor (paper: top-2 -1.572 at cf 1.0 -> '
+       '-1.547 at 2.0; switch -1.561 -> -1.554)',
+       all(fam[2]['quality'] > fam[0]['quality'] for fam in (sw, t2)),
+       f"top-2 {fmt(t2[0]['quality'])} -> {fmt(t2[2]['quality'])}, switch "
+       f"{fmt(sw[0]['quality'])} -> {fmt(sw[2]['quality'])}"),
+      ('A larger capacity factor drops fewer tokens',
+       all(x['dropped_fraction'] >= y['dropped_fraction']
+           for fam in (sw, t2) for x, y in zip(fam, fam[1:])),
+       'dropped ' + ', '.join(f"{r['model']} {r['dropped_fraction']:.3f}" for r in sw + t2)),
+      ('A larger capacity factor costs step time',
+       sw[2]['step_time_ratio'] > sw[0]['step_time_ratio'] and
+       t2[2]['step_time_ratio'] > t2[0]['step_time_ratio'],
+       f"switch cf 1.0 {sw[0]['step_time_ratio']:.2f}x -> cf 2.0 "
+       f"{sw[2]['step_time_ratio']:.2f}x; top-2 {t2[0]['step_time_ratio']:.2f}x -> "
+       f"{t2[2]['step_time_ratio']:.2f}x"),
+      ('Top-2 is slower per step than switch at the same cf',
+       all(x['step_time_ratio'] > y['step_time_ratio'] for x, y in zip(t2, sw)),
+       ', '.join(f"cf {cf}: {x['step_time_ratio']:.2f}x vs {y['step_time_ratio']:.2f}x"
+                 for cf, x, y in zip(CFS, t2, sw)))]
+  common.report('switch_table1', a, 'Switch Transformer Table 1 at small scale',
+                meta | {'step_seconds': sec}, rows, body, verdicts,
+                footer=f"\nBest quality here: {best['model']} ({fmt(best['quality'])}).\n")
 
 
 if __name__ == '__main__':

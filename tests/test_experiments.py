@@ -1,6 +1,7 @@
 """Smoke tests of the experiment scripts: each runs end to end at the 'smoke' preset
 (tiny models, a few steps) and writes its result files; compare.py's numbers are checked
-for internal consistency. The committed results come from the same code at larger presets.
+for internal consistency; a finished run is reused only under the library that trained
+it. The committed results come from the same code at larger presets.
 """
 import importlib
 import json
@@ -12,11 +13,14 @@ import pytest
 EXPERIMENTS = pathlib.Path(__file__).resolve().parents[1] / 'experiments'
 sys.path.insert(0, str(EXPERIMENTS))
 
+common = importlib.import_module('common')            # experiments/common.py
+
 REPROS = {'repro_switch_table1': 'switch_table1', 'repro_expert_count': 'expert_count',
           'repro_init_scale': 'init_scale', 'repro_z_loss': 'z_loss',
           'repro_loss_free': 'loss_free', 'repro_pruning': 'pruning',
           'repro_activation_sparsity': 'activation_sparsity',
           'repro_quantization': 'quantization'}
+SCRIPTS = sorted(p.stem for p in EXPERIMENTS.glob('*.py') if p.stem != 'common')
 
 
 @pytest.fixture(scope='module')
@@ -31,6 +35,68 @@ def _run(script, dirs):
                                         '--runs', str(runs)])
 
 
+def _check_meta(meta, corpus=True):
+  assert meta['git_rev'] and meta['command'].startswith('python ') and meta['seeds']
+  assert meta['library_sha256'] == common.library_hash()
+  assert meta['devices'].startswith('8 x') and meta['jax'] and meta['date']
+  assert ('corpus' in meta) == corpus and (not corpus or meta['corpus']['fingerprint'])
+
+
+@pytest.mark.parametrize('script', SCRIPTS)
+def test_no_import_side_effects(script):
+  """Devices are set up by main(), not by importing; the study scripts take the shared
+  arguments and write through the one report helper."""
+  text = (EXPERIMENTS / f'{script}.py').read_text()
+  assert 'noqa: E402' not in text and 'XLA_FLAGS' not in text
+  if script != 'bench_compaction':                      # one device, as it always ran
+    assert 'common.setup_devices(8)' in text
+  if script in REPROS or script == 'compare':
+    assert 'common.report(' in text and 'write_results' not in text
+    assert 'Runner(' not in text and '.train(' not in text  # runs named in common only
+
+
+def test_git_rev_marks_uncommitted(monkeypatch):
+  monkeypatch.setattr(common, '_git', lambda *a: ' M x.py' if a[0] == 'status' else 'abc1234')
+  assert common.git_rev() == 'abc1234+uncommitted'
+  monkeypatch.setattr(common, '_git', lambda *a: '' if a[0] == 'status' else 'abc1234')
+  assert common.git_rev() == 'abc1234'
+
+
+def test_library_hash_follows_the_source(tmp_path):
+  (tmp_path / 'sub').mkdir()
+  (tmp_path / 'a.py').write_text('x = 1\n')
+  (tmp_path / 'sub' / 'b.py').write_text('y = 2\n')
+  (tmp_path / 'notes.txt').write_text('not code')
+  digest = common.library_hash.__wrapped__                # uncached
+  before = digest(tmp_path)
+  (tmp_path / 'notes.txt').write_text('still not code')
+  assert digest(tmp_path) == before
+  (tmp_path / 'sub' / 'b.py').write_text('y = 3\n')
+  assert digest(tmp_path) != before
+  assert len(common.library_hash()) == 64
+
+
+def test_finished_run_reused_only_under_the_same_library(tmp_path, monkeypatch):
+  config = common.moe(common.sized('smoke', steps=1))        # expert-parallel MoE
+  train = lambda: common.run_study('t', 'smoke', {'dense': config}, tmp_path)['dense']
+  first = train()
+  workdir = first['workdir']
+  assert workdir.name == common.run_name(config)
+  assert first['code'] == common.code_version()
+  (workdir / 'marker').touch()
+  again = train()                                         # same code: reused as it is
+  assert (workdir / 'marker').exists() and again['curve'] == first['curve']
+  assert again['code']['library_sha256'] == common.provenance([0], None)['library_sha256']
+  monkeypatch.setattr(common, 'library_hash', lambda root=None: 'f' * 64)
+  changed = train()                                       # other code: wiped, retrained
+  assert not (workdir / 'marker').exists()
+  assert changed['code']['library_sha256'] == 'f' * 64
+  assert json.loads((workdir / 'code.json').read_text())['library_sha256'] == 'f' * 64
+  log = (workdir / 'log.txt').read_text()
+  assert 'retraining' in log and 'library source changed' in log
+
+
+@pytest.mark.slow
 def test_compare_smoke(dirs):
   _run('compare', dirs)
   out = dirs[0]
@@ -40,8 +106,10 @@ def test_compare_smoke(dirs):
   meta, rows = result['meta'], {r['model']: r for r in result['rows']}
   assert set(rows) == {'dense-small', 'switch', 'top2-half', 'top2-full', 'large-sparse',
                        'structured', 'dense-large'}
-  assert meta['git_rev'] and meta['corpus']['fingerprint'] and meta['seeds'] == [0]
-  assert meta['devices'].startswith('8 x')
+  _check_meta(meta)
+  assert meta['seeds'] == [0]
+  for code in (dirs[1] / 'compare_smoke').glob('*/code.json'):   # every run: today's code
+    assert json.loads(code.read_text())['library_sha256'] == meta['library_sha256']
   base = rows['dense-small']
   assert base['step_time_ratio'] == 1.0 and base['time_to_target'] == pytest.approx(1.0)
   # The matching the comparison promises.
@@ -59,13 +127,15 @@ def test_compare_smoke(dirs):
   for r in rows.values():
     assert r['val_loss'] > 0 and r['bpb'] == pytest.approx(r['val_loss'] / 0.6931, rel=1e-3)
   assert 0 <= rows['switch']['dropped_fraction'] <= 1
-  assert '| dense-small | baseline |' in (out / 'compare_smoke.md').read_text()
+  md = (out / 'compare_smoke.md').read_text()
+  assert '| dense-small | baseline |' in md and meta['library_sha256'][:12] in md
 
 
-# Every script has a smoke test; the default run keeps the three that exercise distinct code
-# (loading trained models, probes, qwix) and marks the rest slow (pytest -m slow) to keep CI
-# short. All of them ran at the quick preset for experiments/results.
-FAST = {'repro_loss_free', 'repro_activation_sparsity', 'repro_quantization'}
+# Every script has a smoke test; the default run keeps those that exercise distinct code
+# cheaply (loading trained models and probing them) and marks the rest slow (pytest -m
+# slow) to keep the default run short. All of them ran at the quick preset for
+# experiments/results.
+FAST = {'repro_activation_sparsity'}
 
 
 @pytest.mark.parametrize('script', [s if s in FAST else pytest.param(s, marks=pytest.mark.slow)
@@ -74,6 +144,31 @@ def test_reproduction_smoke(script, dirs):
   _run(script, dirs)
   out = dirs[0]
   md = (out / f'{REPROS[script]}_smoke.md').read_text()
-  rows = json.loads((out / f'{REPROS[script]}_smoke.json').read_text())['rows']
-  assert rows and '## Trends' in md and ('**holds**' in md or '**does not hold**' in md)
-  assert '`python ' in md and 'seeds' in md
+  result = json.loads((out / f'{REPROS[script]}_smoke.json').read_text())
+  assert result['rows'] and '## Trends' in md
+  assert '**holds**' in md or '**does not hold**' in md
+  assert '`python ' in md and 'seeds' in md and 'library sha256' in md
+  _check_meta(result['meta'])
+
+
+def test_bench_compaction_provenance(tmp_path, capsys):
+  path = tmp_path / 'bench.json'
+  importlib.import_module('bench_compaction').main(['--quick', '--repeats', '1',
+                                                    '--json', str(path)])
+  result = json.loads(path.read_text())
+  assert next(iter(result)) == 'meta' and len(result['rows']) == 2
+  _check_meta(result['meta'], corpus=False)
+  assert capsys.readouterr().out.startswith('# Compaction')
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('script', ['bench_train', 'bench_moe_layer'])
+def test_bench_provenance(script, tmp_path, capsys):
+  path = tmp_path / 'bench.json'
+  args = ['--quick', '--json', str(path)]
+  importlib.import_module(script).main(args + (['--steps', '1'] if script == 'bench_train'
+                                               else ['--repeats', '1']))
+  result = json.loads(path.read_text())
+  assert next(iter(result)) == 'meta'
+  _check_meta(result['meta'], corpus=False)
+  assert capsys.readouterr().out.startswith('# ')

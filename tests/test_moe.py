@@ -203,7 +203,7 @@ def test_activation_and_shared_expert_under_expert_parallelism(activation):
                           rngs=nnx.Rngs(1))
 
 
-def test_contract_parameter_shapes():
+def test_public_parameter_shapes():
   layer = sj.moe.MoE(D, F, E, activation='swiglu', shared_d_ff=8)
   assert layer.router.kernel[...].shape == (D, E)
   assert layer.experts.wi[...].shape == layer.experts.wi_gate[...].shape == (E, D, F)
@@ -211,7 +211,7 @@ def test_contract_parameter_shapes():
   assert not hasattr(sj.moe.MoE(D, F, E).experts, 'wi_gate')
 
 
-def test_expert_ffn_matches_contract_formula():
+def test_expert_ffn_matches_the_documented_formula():
   """Unlimited capacity, k=1: y = probs[e] * gelu(x @ wi[e]) @ wo[e] per token."""
   layer = sj.moe.MoE(D, F, E, k=1, capacity_factor=float(E))
   x, _ = _inputs(2)

@@ -1,6 +1,6 @@
 """Exact-count masks from scores (pure jnp). True = keep, False = pruned.
 
-Shape legend: R rows pruned independently, G candidates per row, M group size of N:M.
+Shape legend: R rows pruned independently, U candidates (units) per row, M group size of N:M.
 Ties are broken by index: among equal scores the lower index is pruned first, so a mask
 is a deterministic function of its scores.
 """
@@ -10,12 +10,12 @@ import jax.numpy as jnp
 
 
 def prune_lowest(scores, num_pruned):
-  """scores f32[R, G], num_pruned int (scalar or i32[R]) -> bool[R, G].
+  """scores f32[R, U], num_pruned int (scalar or i32[R]) -> bool[R, U].
 
   Each row loses exactly its `num_pruned` lowest scores.
   """
   r, g = scores.shape
-  order = jnp.argsort(scores, axis=-1, stable=True)                      # [R, G]
+  order = jnp.argsort(scores, axis=-1, stable=True)                      # [R, U]
   rank = jnp.zeros_like(order).at[jnp.arange(r)[:, None], order].set(
       jnp.arange(g, dtype=order.dtype))                                   # inverse permutation
   return rank >= jnp.reshape(jnp.asarray(num_pruned), (-1, 1))

@@ -1,14 +1,14 @@
 """Structured groups of the TransformerLM: FFN neurons, attention heads, whole experts.
 
-Shape legend: D d_model, F d_ff, E experts, N heads, H head dim, R rows, G groups per row.
-Layouts (sparse_jax.moe, sparse_jax.models.attention):
+Shape legend: D d_model, F d_ff, E experts, H heads, Dh head dim, R rows, U groups per row.
+Layouts (sparse_jax.moe, sparse_jax.layers):
   dense FFN   .../ffn/{wi, wi_gate} [D, F], .../ffn/wo [F, D]; neuron j = column j of
               wi (and wi_gate) with row j of wo.
   experts     .../ffn/experts/{wi, wi_gate} [E, D, F], wo [E, F, D].
-  attention   .../attn/{wq, wk, wv} [D, N*H] (head n = columns n*H:(n+1)*H), wo [N*H, D]
+  attention   .../attn/{wq, wk, wv} [D, H*Dh] (head n = columns n*Dh:(n+1)*Dh), wo [H*Dh, D]
               (head n = the same rows).
-A layer's groups form scores f32[R, G]: R = 1 for a dense FFN (G = F), attention
-(G = N) and whole experts (G = E); per-expert neurons have R = E, G = F, so every expert
+A layer's groups form scores f32[R, U]: R = 1 for a dense FFN (U = F), attention
+(U = H) and whole experts (U = E); per-expert neurons have R = E, U = F, so every expert
 keeps the same number of neurons and the compacted experts stay stacked. A group's
 score is the L2 norm of its entries (of |w| for magnitude).
 """
@@ -30,13 +30,13 @@ class Member:
   """One leaf of a layer's groups."""
   index: int       # position in the flattened params
   axis: int        # the axis that runs over groups
-  size: int        # entries per group along that axis (H for heads, else 1)
+  size: int        # entries per group along that axis (Dh for heads, else 1)
   batched: bool    # axis 0 is the expert axis and becomes the rows
 
 
 @dataclasses.dataclass(frozen=True)
 class Layer:
-  """The groups of one module, e.g. key ('blocks', 0, 'ffn') with G = F neurons."""
+  """The groups of one module, e.g. key ('blocks', 0, 'ffn') with U = F neurons."""
   key: tuple
   rows: int
   groups: int
@@ -67,7 +67,7 @@ def _attention_layer(key, leaves, num_heads):
   wq, wo = leaves['wq'][1], leaves['wo'][1]
   if len(wq) != 2 or len(wo) != 2 or wq[1] % num_heads or wo[0] != wq[1]:
     raise ValueError(f'{path_str(key)}: wq {wq} / wo {wo} cannot be split into '
-                     f'num_heads={num_heads} heads (want wq [D, N*H], wo [N*H, D]).')
+                     f'num_heads={num_heads} heads (want wq [D, H*Dh], wo [H*Dh, D]).')
   h = wq[1] // num_heads
   members = [Member(leaves[n][0], 1, h, False) for n in ('wq', 'wk', 'wv')]
   return Layer(key, 1, num_heads, (*members, Member(leaves['wo'][0], 0, h, False)))
@@ -99,38 +99,38 @@ def _moved_shape(shape, m: Member) -> list:
 
 
 def to_groups(x, m: Member):
-  """A member leaf -> [R, G, entries of one group in this leaf]."""
+  """A member leaf -> [R, U, entries of one group in this leaf]."""
   x = jnp.moveaxis(x, m.axis, 1 if m.batched else 0)
   rows = x.shape[0] if m.batched else 1
   return x.reshape(rows, (x.shape[1] if m.batched else x.shape[0]) // m.size, -1)
 
 
 def from_groups(keep, m: Member, shape):
-  """bool[R, G] -> the member's element mask, bool[shape]."""
+  """bool[R, U] -> the member's element mask, bool[shape]."""
   per_group = math.prod(shape) // (keep.shape[0] * keep.shape[1])
   full = jnp.broadcast_to(keep[:, :, None], (*keep.shape, per_group))
   return jnp.moveaxis(full.reshape(_moved_shape(shape, m)), 1 if m.batched else 0, m.axis)
 
 
 def layer_scores(elem_scores, layer: Layer):
-  """Element scores of the members (same order) -> f32[R, G], the L2 norm per group."""
+  """Element scores of the members (same order) -> f32[R, U], the L2 norm per group."""
   sq = sum(jnp.sum(to_groups(x.astype(jnp.float32), m) ** 2, axis=-1)
            for x, m in zip(elem_scores, layer.members))
   return jnp.sqrt(sq)
 
 
 def layer_masks(keep, layer: Layer, shapes) -> list:
-  """bool[R, G] -> one element mask per member."""
+  """bool[R, U] -> one element mask per member."""
   return [from_groups(keep, m, shapes[m.index]) for m in layer.members]
 
 
 def kept_indices(keep, num_kept: int):
-  """bool[R, G] with num_kept True per row -> ascending indices i32[R, num_kept]."""
+  """bool[R, U] with num_kept True per row -> ascending indices i32[R, num_kept]."""
   return jnp.argsort(~keep, axis=-1, stable=True)[:, :num_kept].astype(jnp.int32)
 
 
 def group_scores(params, kind: str, num_heads: int | None = None) -> dict:
-  """{module path: f32[G] (or f32[E, G] for per-expert neurons)}: L2 norms of the groups."""
+  """{module path: f32[U] (or f32[E, U] for per-expert neurons)}: L2 norms of the groups."""
   paths, vals, _ = flatten(params)
   out = {}
   for layer in find_layers(paths, [v.shape for v in vals], kind, num_heads):
@@ -144,7 +144,7 @@ def _batched(layer: Layer) -> bool:
 
 
 def structured_masks(params, sparsity: float, kind: str, num_heads: int | None = None):
-  """Prune round(sparsity * G) lowest-norm groups of every layer of the kind.
+  """Prune round(sparsity * U) lowest-norm groups of every layer of the kind.
 
   params: nested dict or nnx State of the TransformerLM (or any tree with the layouts
   above). kind: 'ffn_neurons' | 'heads' | 'experts'; 'heads' needs num_heads.
@@ -155,7 +155,7 @@ def structured_masks(params, sparsity: float, kind: str, num_heads: int | None =
            [F'] neurons of wi/wi_gate columns and wo rows; ('blocks', 1, 'ffn',
            'experts') -> [E, F'] per-expert neurons (kind 'ffn_neurons') or [E'] experts
            (kind 'experts'; the router's columns sit at the sibling 'router/kernel');
-           ('blocks', 0, 'attn') -> [N'] heads. Gather these to compact the model.
+           ('blocks', 0, 'attn') -> [H'] heads. Gather these to compact the model.
   """
   if not 0 <= sparsity < 1:
     raise ValueError(f'sparsity={sparsity} must be in [0, 1).')

@@ -1,10 +1,10 @@
-"""Units: the leaves one mask decision covers, viewed as scores [R, G].
+"""Units: the leaves one mask decision covers, viewed as scores [R, U].
 
-Shape legend: R rows pruned independently, G candidates per row, M group size of N:M.
-  element     one leaf, R = 1, G = its size (unstructured pruning; experts share one row)
-  n_m         one leaf, R = size / M, G = M (runs of M along the input axis)
-  structured  a structured.Layer: several leaves, G neurons / heads / experts per row
-A unit maps the members' element scores to f32[R, G] and a keep mask bool[R, G] back to
+Shape legend: R rows pruned independently, U candidates (units) per row, M group size of N:M.
+  element     one leaf, R = 1, U = its size (unstructured pruning; experts share one row)
+  n_m         one leaf, R = size / M, U = M (runs of M along the input axis)
+  structured  a structured.Layer: several leaves, U neurons / heads / experts per row
+A unit maps the members' element scores to f32[R, U] and a keep mask bool[R, U] back to
 one element mask per member.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ class Unit:
   layer: structured.Layer | None = None
 
   def scores(self, xs):
-    """Element scores of self.leaves (same order) -> f32[R, G]."""
+    """Element scores of self.leaves (same order) -> f32[R, U]."""
     if self.kind == 'element':
       return xs[0].reshape(1, -1)
     if self.kind == 'n_m':
@@ -35,7 +35,7 @@ class Unit:
     return structured.layer_scores(xs, self.layer)
 
   def masks(self, keep, shapes) -> list:
-    """bool[R, G] -> element masks of self.leaves. shapes: all leaf shapes."""
+    """bool[R, U] -> element masks of self.leaves. shapes: all leaf shapes."""
     if self.kind == 'element':
       return [keep.reshape(shapes[self.leaves[0]])]
     if self.kind == 'n_m':

@@ -215,7 +215,7 @@ def wrap(inner: optax.GradientTransformation, sparsity: float = 0.0,
          n_m: tuple[int, int] | None = None, prunable: Callable | None = None, *,
          seed: int = 0, structure: str | None = None,
          num_heads: int | None = None) -> optax.GradientTransformationExtraArgs:
-  """Prune the params `inner` optimizes; see the module docstring and DESIGN.md.
+  """Prune the params `inner` optimizes; see the module docstring and the README (pruning).
 
   Args:
     inner: the optimizer (wrap the whole chain; nothing after this may change updates).
