@@ -55,6 +55,8 @@ def _free_port():
     return s.getsockname()[1]
 
 
+# The trainer's two-process test (tests/test_train.py) covers the default tier.
+@pytest.mark.slow
 def test_two_processes_match_single_device(tmp_path):
   """2 processes x 4 CPU devices, gloo collectives, vs the single-device reference."""
   worker = pathlib.Path(__file__).with_name('_multiprocess_worker.py')
