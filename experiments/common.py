@@ -129,8 +129,10 @@ def _git(*args) -> str:
 
 
 def git_rev() -> str:
-  """Short HEAD revision, '+uncommitted' when tracked files differ from it."""
-  dirty = _git('status', '--porcelain', '--untracked-files=no')
+  """Short HEAD revision, '+uncommitted' when tracked files other than the results (the
+  outputs a chain of scripts writes) differ from it."""
+  dirty = _git('status', '--porcelain', '--untracked-files=no', '--', '.',
+               ':(exclude)experiments/results')
   return _git('rev-parse', '--short', 'HEAD') + ('+uncommitted' if dirty else '')
 
 

@@ -78,7 +78,7 @@ def test_library_hash_follows_the_source(tmp_path):
 
 def test_finished_run_reused_only_under_the_same_library(tmp_path, monkeypatch):
   config = common.moe(common.sized('smoke', steps=1))        # expert-parallel MoE
-  train = lambda: common.run_study('t', 'smoke', {'dense': config}, tmp_path)['dense']
+  train = lambda: common.run_study('t', 'smoke', {'moe': config}, tmp_path)['moe']
   first = train()
   workdir = first['workdir']
   assert workdir.name == common.run_name(config)
