@@ -364,7 +364,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int,
       try:
         routing.check_expert_choice(causal=True, allow_lookahead=moe.allow_lookahead)
       except ValueError as e:
-        need(False, f'moe.routing={moe.routing!r}: {e} (moe.allow_lookahead)'.rstrip('.'))
+        problems.append(f"moe.routing='expert_choice': {str(e).rstrip('.')} (config key "
+                        'moe.allow_lookahead)')
     need(moe.moe_every >= 1, f'moe.moe_every={moe.moe_every} must be >= 1')
     need(0 <= moe.moe_offset < m.num_layers,
          f'moe.moe_offset={moe.moe_offset} must be in [0, model.num_layers={m.num_layers}) '
