@@ -285,20 +285,26 @@ def validation_tokens(spec: Spec, batches: int = 1) -> np.ndarray:
 # ---------------------------------------------------------------------- timing
 
 def _random_batch_step(spec: Spec):
-  """[train step, its state, a batch of random tokens on spec's mesh]."""
+  """[train step compiled ahead of time, its state, a batch of random tokens on spec's
+  mesh, steps.memory of it]."""
   mesh = loop.make_mesh(spec)
   s = steps.build(spec, mesh)
   t = spec.train
   tokens = np.random.default_rng(0).integers(0, 256, (t.batch_size, t.seq_len + 1))
   batch = sharding.put_batch({'inputs': tokens[:, :-1].astype(np.int32),
                               'targets': tokens[:, 1:].astype(np.int32)}, mesh)
-  return [s.train, s.state, batch]
+  compiled = s.train.lower(s.state, batch).compile()
+  return [compiled, s.state, batch, steps.memory(s, compiled)]
 
 
-def step_times(specs: dict[str, Spec], n: int = 8) -> dict[str, float]:
+def step_times(specs: dict[str, Spec], n: int = 8, memory: dict | None = None
+               ) -> dict[str, float]:
   """Median seconds per train step of each spec, measured interleaved after 2 warm-up
-  steps (the batches are random tokens already on the mesh: model time, not input)."""
+  steps (the batches are random tokens already on the mesh: model time, not input).
+  memory: a dict to fill with steps.memory of each spec's compiled step."""
   runs = {name: _random_batch_step(s) for name, s in specs.items()}
+  if memory is not None:
+    memory.update({name: r[3] for name, r in runs.items()})
   times = {name: [] for name in runs}
   for it in range(n + 2):
     for name, r in runs.items():

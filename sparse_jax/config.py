@@ -22,6 +22,10 @@ from sparse_jax.layers import ACTIVATIONS
 from sparse_jax.moe import BALANCING, EXPERT_COMPUTE, ROUTINGS
 from sparse_jax.sharding import mesh_sizes
 
+DTYPES = ('float32', 'bfloat16')
+REMAT = ('none', 'block')
+
+
 def base_config() -> ml_collections.ConfigDict:
   """Defaults: a small byte-level decoder LM on the embedded corpus, dense FFNs."""
   c = ml_collections.ConfigDict()
@@ -42,7 +46,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.activation = 'gelu'  # gelu | relu | swiglu
   c.model.tie_embeddings = True
   c.model.init_scale = 1.0
-  c.model.param_dtype = 'float32'
+  c.model.param_dtype = 'float32'   # parameters and optimizer state
+  c.model.dtype = 'float32'         # compute: activations and matmuls (float32 | bfloat16)
 
   c.moe = ml_collections.ConfigDict()
   c.moe.num_experts = 0        # 0: every FFN dense
@@ -91,11 +96,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.data = -1             # -1: the devices left over
   c.mesh.expert = 1
   c.mesh.model = 1
+  c.mesh.fsdp = False          # also split parameters and optimizer state over 'data'
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 2000
   c.train.batch_size = 32      # global, in sequences
   c.train.seq_len = 256
+  c.train.microbatches = 1     # gradient accumulation: micro-batches per optimizer step
+  c.train.remat = 'none'       # none | block: recompute each block in the backward pass
   c.train.lr = 1e-3
   c.train.warmup_steps = 100
   c.train.lr_decay_steps = 0   # cosine horizon; 0 -> train.steps
@@ -137,6 +145,36 @@ def from_saved(saved: dict) -> ml_collections.ConfigDict:
 
   merge(c, saved, '')
   return c
+
+
+# Keys of the model sections that choose how the same function is computed, so a
+# checkpoint may resume with other values.
+_COMPUTE_KEYS = ('model.dtype', 'moe.expert_compute')
+
+
+def check_resume(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict,
+                 where: str) -> None:
+  """Refuse to resume the checkpoint `where` (written with `saved`) under `config` when
+  the model differs (any model.* or moe.* key but the compute choices) or the global
+  batch does; mesh, FSDP, remat, micro-batches and device count may all change."""
+  def flat(c, prefix):
+    for key, value in c.items():
+      if isinstance(value, ml_collections.ConfigDict):
+        yield from flat(value, f'{prefix}{key}.')
+      else:
+        yield f'{prefix}{key}', value
+
+  old, new = dict(flat(saved, '')), dict(flat(config, ''))
+  for key, value in new.items():
+    if key.split('.')[0] in ('model', 'moe') and key not in _COMPUTE_KEYS and old[key] != value:
+      raise ConfigError(f'{key}={value!r} differs from the checkpoint in {where}, which was '
+                        f'written with {key}={old[key]!r}: a checkpoint only resumes the model '
+                        'it was written for; use a new workdir, or set it back')
+  for key in ('train.batch_size', 'train.seq_len'):
+    if old[key] != new[key]:
+      raise ConfigError(f'{key}={new[key]} differs from the checkpoint in {where} '
+                        f'({old[key]}): resuming keeps the global batch so the data stream '
+                        f'continues where it stopped; set {key}={old[key]}')
 
 
 def parse_n_m(text: str) -> tuple[int, int]:
@@ -199,6 +237,7 @@ class ModelSpec:
   tie_embeddings: bool
   init_scale: float
   param_dtype: str
+  dtype: str                       # compute dtype of activations and matmuls
   moe: MoESpec | None
 
   def is_moe_block(self, i: int) -> bool:
@@ -212,6 +251,8 @@ class TrainSpec:
   steps: int
   batch_size: int
   seq_len: int
+  microbatches: int
+  remat: str
   lr: float
   warmup_steps: int
   lr_decay_steps: int
@@ -260,6 +301,7 @@ class Spec:
   data_dir: str | None
   model: ModelSpec
   mesh: dict                       # {'data', 'expert', 'model'}: sizes, no -1
+  fsdp: bool                       # parameters and optimizer state also over 'data'
   train: TrainSpec
   pruning: PruningSpec | None      # None: no pruner
   upcycle_from: str | None
@@ -288,7 +330,7 @@ def model_spec(config: ml_collections.ConfigDict) -> ModelSpec:
       vocab_size=m.vocab_size, d_model=m.d_model, num_layers=m.num_layers,
       num_heads=m.num_heads, head_dim=m.head_dim or m.d_model // m.num_heads, d_ff=m.d_ff,
       activation=m.activation, tie_embeddings=m.tie_embeddings, init_scale=m.init_scale,
-      param_dtype=m.param_dtype, moe=moe_spec)
+      param_dtype=m.param_dtype, dtype=m.dtype, moe=moe_spec)
 
 
 def resolve(config: ml_collections.ConfigDict, num_devices: int,
@@ -313,6 +355,7 @@ def resolve(config: ml_collections.ConfigDict, num_devices: int,
       model=model_spec(config), train=train, pruning=prune,
       mesh=mesh_sizes(config.mesh.data, config.mesh.expert, config.mesh.model,
                       num_devices=num_devices),
+      fsdp=config.mesh.fsdp,
       upcycle_from=config.init.upcycle_from or None,
       upcycle_noise=config.init.upcycle_noise,
       upcycle_router_init_scale=config.init.router_init_scale)
@@ -348,7 +391,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int,
          f'model.d_model={m.d_model} must be model.num_heads={m.num_heads} times an even '
          'head dimension')
   choice('model.activation', m.activation, ACTIVATIONS)
-  choice('model.param_dtype', m.param_dtype, ('float32', 'bfloat16'))
+  choice('model.param_dtype', m.param_dtype, DTYPES)
+  choice('model.dtype', m.dtype, DTYPES)
   need(m.init_scale > 0, f'model.init_scale={m.init_scale} must be > 0')
 
   need(moe.num_experts >= 0, f'moe.num_experts={moe.num_experts} must be >= 0 (0 = dense)')
@@ -392,6 +436,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int,
   for key in ('warmup_steps', 'lr_decay_steps', 'weight_decay', 'grad_clip'):
     need(t[key] >= 0, f'train.{key}={t[key]} must be >= 0')
   need(t.lr > 0, f'train.lr={t.lr} must be > 0')
+  choice('train.remat', t.remat, REMAT)
+  need(t.microbatches >= 1, f'train.microbatches={t.microbatches} must be >= 1')
+  need(isinstance(mesh.fsdp, bool), f'mesh.fsdp={mesh.fsdp!r} must be True or False')
   need(0 <= t.min_lr_ratio <= 1, f'train.min_lr_ratio={t.min_lr_ratio} must be in [0, 1]')
   if sizes is not None and t.batch_size >= 1:
     shards = sizes['data'] * sizes['expert']
@@ -400,10 +447,16 @@ def validate(config: ml_collections.ConfigDict, num_devices: int,
          f'= {shards} (the token shards)')
     need(t.batch_size % num_processes == 0,
          f'train.batch_size={t.batch_size} must be divisible by the {num_processes} processes')
-    per_device = t.batch_size // shards * t.seq_len
+    rows = t.batch_size // shards
+    micro = max(t.microbatches, 1)
+    need(rows % micro == 0,
+         f'train.microbatches={t.microbatches} must divide the {rows} sequences per device '
+         f'(train.batch_size={t.batch_size} over {shards} token shards)')
+    per_device = rows // micro * t.seq_len
     if moe.num_experts > 0 and moe.group_size > 0 and per_device > 0:
       need(per_device % moe.group_size == 0,
-           f'moe.group_size={moe.group_size} must divide the {per_device} tokens per device')
+           f'moe.group_size={moe.group_size} must divide the {per_device} tokens per device'
+           + (' and micro-batch' if micro > 1 else ''))
   pr = config.pruning
   need(0 <= pr.sparsity < 1, f'pruning.sparsity={pr.sparsity} must be in [0, 1) (0 = off)')
   if pr.sparsity > 0 or pr.n_m:

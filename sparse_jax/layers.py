@@ -53,22 +53,23 @@ def _matmul(x, w):
 
 def ffn_hidden(w: dict[str, jax.Array], x: jax.Array, activation: str,
                matmul: Callable = _matmul) -> jax.Array:
-  """The hidden units that multiply wo. x [N, D] -> [N, F].
+  """The hidden units that multiply wo. x [N, D] -> [N, F], in x's dtype.
 
   act(x @ wi) for gelu (jax.nn.gelu's default approximation) and relu;
   silu(x @ wi_gate) * (x @ wi) for swiglu. `matmul(x, w)` lets the dropless path use a
   grouped matmul with the same rule.
   """
-  h = matmul(x, w['wi'])
+  h = matmul(x, w['wi'].astype(x.dtype))
   if activation == 'swiglu':
-    return jax.nn.silu(matmul(x, w['wi_gate'])) * h
+    return jax.nn.silu(matmul(x, w['wi_gate'].astype(x.dtype))) * h
   return {'gelu': jax.nn.gelu, 'relu': jax.nn.relu}[activation](h)
 
 
 def ffn(w: dict[str, jax.Array], x: jax.Array, activation: str,
         matmul: Callable = _matmul) -> jax.Array:
-  """ffn_hidden(x) @ wo. x [N, D] -> [N, D]."""
-  return matmul(ffn_hidden(w, x, activation, matmul), w['wo'])
+  """ffn_hidden(x) @ wo. x [N, D] -> [N, D]. The compute dtype is x's: float32 weights
+  are cast to it (mixed precision keeps float32 master weights)."""
+  return matmul(ffn_hidden(w, x, activation, matmul), w['wo'].astype(x.dtype))
 
 
 class DenseFFN(nnx.Module):
@@ -118,8 +119,8 @@ def rope(x: jax.Array, theta: float = 10_000.0) -> jax.Array:
 
 
 class Attention(nnx.Module):
-  """Causal multi-head self-attention with RoPE. x [B, L, D] -> [B, L, D].
-  Heads are split over the mesh axis 'model'."""
+  """Causal multi-head self-attention with RoPE. x [B, L, D] -> [B, L, D], computed in
+  x's dtype. Heads are split over the mesh axis 'model'."""
 
   def __init__(self, d_model: int, num_heads: int, *, head_dim: int | None = None,
                init_scale: float = 1.0, param_dtype=jnp.float32, mesh: Mesh | None = None,
@@ -139,7 +140,8 @@ class Attention(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     b, l, d = x.shape
-    q, k, v = (jnp.einsum('bld,dk->blk', x, w[...]).reshape(b, l, self.num_heads, -1)
+    q, k, v = (jnp.einsum('bld,dk->blk', x, w[...].astype(x.dtype))
+               .reshape(b, l, self.num_heads, -1)
                for w in (self.wq, self.wk, self.wv))                    # [B, L, H, Dh]
     out = jax.nn.dot_product_attention(rope(q), rope(k), v, is_causal=True)
-    return jnp.einsum('blk,kd->bld', out.reshape(b, l, -1), self.wo[...])
+    return jnp.einsum('blk,kd->bld', out.reshape(b, l, -1), self.wo[...].astype(x.dtype))

@@ -209,9 +209,13 @@ class MoE(nnx.Module):
     expert_compute: 'loop' | 'batched' | None (default_expert_compute()).
     router, experts: modules to use instead of the defaults (see README, extending).
 
-  aux (all float32, statistics over the global batch): router_z_loss and
+  aux (all float32, statistics over the global batch): router_z_loss,
   routing.routing_metrics (load_balance_loss, dropped_fraction, expert_load [E],
-  max_violation, router_entropy).
+  max_violation, router_entropy), and 'stats', the additive routing.routing_stats they
+  come from (sum them over micro-batches for whole-step metrics).
+
+  The router and its statistics are float32 whatever x's dtype; the experts compute in
+  x's dtype.
   """
 
   def __init__(self, d_model: int, d_ff: int, num_experts: int, *, k: int = 1,
@@ -250,6 +254,19 @@ class MoE(nnx.Module):
     self.shared = None if not shared_d_ff else DenseFFN(
         d_model, shared_d_ff, activation=activation, init_scale=init_scale,
         param_dtype=param_dtype, mesh=mesh, rngs=rngs)
+
+  def routing_metrics(self, stats: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """routing.routing_metrics of (summed) statistics of this layer."""
+    return routing_lib.routing_metrics(
+        stats, expert_choice=self.settings.routing == 'expert_choice')
+
+  def update_bias(self, demand: jax.Array) -> None:
+    """One loss-free balancing step from choice counts f32[E] (no-op for aux_loss).
+    A training call does it with its own counts; a trainer that accumulates several
+    micro-batches discards those and calls this once with the step's counts."""
+    if self.balancing == 'loss_free':
+      self.router.bias[...] = routing_lib.update_balance_bias(
+          self.router.bias[...], demand, self.bias_rate)
 
   def _check_input(self, x):
     if x.ndim != 3 or x.shape[-1] != self.d_model:
@@ -291,10 +308,9 @@ class MoE(nnx.Module):
       body = jax.shard_map(body, mesh=self.mesh, in_specs=specs, out_specs=(tok, P()))
     y, stats = body(*args)
     aux = {'router_z_loss': routing_lib.router_z_loss(logits),
-           **routing_lib.routing_metrics(stats, expert_choice=st.routing == 'expert_choice')}
-    if train and self.balancing == 'loss_free':
-      self.router.bias[...] = routing_lib.update_balance_bias(
-          self.router.bias[...], stats['demand'], self.bias_rate)
+           **self.routing_metrics(stats), 'stats': stats}
+    if train:
+      self.update_bias(stats['demand'])
     if self.shared is not None:
       y = y + self.shared(x)
     return y, aux

@@ -112,10 +112,61 @@ def spec_for(mesh: Mesh, names: Sequence[str | None] | None) -> P:
   return P(*(n if n in mesh.axis_names else None for n in names))
 
 
-def state_shardings(state, mesh: Mesh):
-  """NamedShardings for every leaf of an nnx state, from its partition metadata."""
-  return jax.tree.map(lambda s: NamedSharding(mesh, spec_for(mesh, tuple(s))),
-                      nnx.get_partition_spec(state))
+def fsdp_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
+  """`spec` with 'data' added on the largest unsplit axis whose size it divides (FSDP).
+
+  Arrays of fewer than 2 dims (norm scales, biases, counters) stay as they are; so does
+  everything when the data axis has size 1. Raises ValueError when no free axis of a
+  larger array divides the data axis.
+  """
+  n = axis_size(mesh, 'data')
+  if n == 1 or len(shape) < 2:
+    return spec
+  names = tuple(spec) + (None,) * (len(shape) - len(spec))
+  free = [i for i, name in enumerate(names) if name is None and shape[i] % n == 0]
+  if not free:
+    raise ValueError(f'no unsplit dimension of shape {tuple(shape)} (partition {names}) '
+                     f'is divisible by the data axis size {n}')
+  i = max(free, key=lambda i: shape[i])
+  return P(*names[:i], 'data', *names[i + 1:])
+
+
+def state_shardings(state, mesh: Mesh, *, fsdp: bool = False):
+  """NamedShardings for every leaf of an nnx state, from its partition metadata.
+
+  fsdp=True also splits each array of 2 or more dims over 'data' (fsdp_spec); a
+  ValueError then names the first array that cannot be split.
+  """
+  specs = jax.tree.map(lambda s: spec_for(mesh, tuple(s)), nnx.get_partition_spec(state))
+  if fsdp:
+    def add_data(path, spec, x):
+      try:
+        return fsdp_spec(spec, x.shape, mesh)
+      except ValueError as e:
+        raise ValueError(f'{_path_str(path)}: {e}') from None
+    specs = jax.tree_util.tree_map_with_path(add_data, specs, state)
+  return jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
+
+
+def _path_str(path) -> str:
+  keys = [getattr(k, 'key', getattr(k, 'idx', getattr(k, 'name', k))) for k in path]
+  return '.'.join(str(k) for k in keys if k != 'value')
+
+
+def bytes_per_device(tree) -> int:
+  """Bytes the most loaded device holds of a pytree of placed arrays (from their
+  shardings: replicas count on every device that holds one)."""
+  per_device = {}
+  for x in jax.tree.leaves(tree):
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      itemsize = jax.random.key_data(x).dtype.itemsize * math.prod(
+          jax.random.key_data(x).shape[x.ndim:])
+    else:
+      itemsize = x.dtype.itemsize
+    for device, index in x.sharding.devices_indices_map(x.shape).items():
+      n = math.prod(len(range(*i.indices(d))) for i, d in zip(index, x.shape))
+      per_device[device] = per_device.get(device, 0) + n * itemsize
+  return max(per_device.values(), default=0)
 
 
 def put_params(module: nnx.Module, mesh: Mesh) -> None:

@@ -55,8 +55,9 @@ def _assert_sharded_matches(mesh, seed=0, **kw):
   y1, aux1, loss1, g1, gx1 = _run(ep, x, ct)
   np.testing.assert_allclose(y1, y0, atol=1e-5, rtol=1e-5)
   np.testing.assert_allclose(loss1, loss0, rtol=1e-5)
-  for name in aux0:
-    np.testing.assert_allclose(aux1[name], aux0[name], atol=1e-6, rtol=1e-5, err_msg=name)
+  for name in aux0:                               # 'stats' is a dict of arrays
+    jax.tree.map(lambda a, b, name=name: np.testing.assert_allclose(
+        a, b, atol=1e-6, rtol=1e-5, err_msg=name), aux1[name], aux0[name])
   np.testing.assert_allclose(gx1, gx0, atol=1e-5, rtol=1e-5)
   flat0, flat1 = nnx.to_flat_state(g0), dict(nnx.to_flat_state(g1))
   assert len(flat0) == len(flat1) >= 3
@@ -289,3 +290,32 @@ def test_call_errors():
   grouped = sj.moe.MoE(D, F, E, group_size=7)
   with pytest.raises(ValueError, match='group_size=7'):
     grouped(jnp.zeros((B, L, D)))
+
+
+def test_load_balance_loss_gradient_is_global_under_data_parallelism():
+  """The balance loss alone: its router gradient on 8 data shards equals one device's,
+  because the statistics it is made of are psummed over all shards, not per shard."""
+  mesh = _mesh((8, 1))
+  ref = sj.moe.MoE(D, F, E, group_size=B * L // 8, rngs=nnx.Rngs(6))
+  dp = sj.moe.MoE(D, F, E, mesh=mesh, rngs=nnx.Rngs(6))
+  x, _ = _inputs(6)
+  grad = nnx.jit(nnx.grad(lambda m, x: m(x, train=True)[1]['load_balance_loss']))
+  g0, g1 = grad(ref, x).router.kernel[...], grad(dp, x).router.kernel[...]
+  assert float(jnp.abs(g0).max()) > 1e-4
+  np.testing.assert_allclose(g1, g0, rtol=1e-5, atol=1e-7)
+
+
+def test_bfloat16_compute_routes_on_float32_logits():
+  """float32 parameters, bfloat16 activations: experts compute in bfloat16, the router
+  takes its decisions from float32 logits of the same input."""
+  layer = sj.moe.MoE(D, F, E, k=2, rngs=nnx.Rngs(7))
+  x = _inputs(7)[0].astype(jnp.bfloat16)
+  y, aux = layer(x)
+  assert y.dtype == jnp.bfloat16 and aux['load_balance_loss'].dtype == jnp.float32
+  logits = jnp.einsum('bld,de->ble', x.astype(jnp.float32), layer.router.kernel[...])
+  assert layer.router(x).dtype == jnp.float32
+  np.testing.assert_array_equal(layer.router(x), logits)
+  plan, c = layer.route(x)
+  want = sj.routing.route_top_k(logits.reshape(-1, E), 2, c, normalize_weights=True)
+  np.testing.assert_array_equal(plan.expert[0], want.expert)
+  np.testing.assert_array_equal(plan.weight[0], want.weight)

@@ -49,16 +49,29 @@ class Block(nnx.Module):
     return x + self.ffn(h), None
 
 
+def _run_block(block: Block, x, train: bool):
+  return block(x, train)
+
+
+# Recompute the block in the backward pass: only its input is saved.
+_run_block_remat = nnx.remat(_run_block, static_argnums=(2,))
+
+
 class TransformerLM(nnx.Module):
   """tokens i32[B, L] -> (logits f32[B, L, V], aux).
 
+  Activations and matmuls run in spec.dtype (parameters stay in spec.param_dtype); the
+  routers, routing statistics and the logits are float32. remat=True recomputes each
+  block in the backward pass instead of keeping its activations.
+
   aux: 'load_balance_loss' and 'router_z_loss' summed over the MoE blocks (0 for a dense
-  model), and 'layers': {block index: that block's routing metrics}.
+  model), and 'layers': {block index: that block's MoE aux}.
   """
 
   def __init__(self, spec: ModelSpec, *, mesh: Mesh | None = None, rngs: nnx.Rngs,
-               causal: bool = True):
+               causal: bool = True, remat: bool = False):
     d, v = spec.d_model, spec.vocab_size
+    self.dtype, self.remat = jnp.dtype(spec.dtype), remat
     self.embed = nnx.Param(jax.random.normal(rngs.params(), (v, d), jnp.float32) * d ** -0.5,
                            out_sharding=(None, None), eager_sharding=False)
     self.blocks = nnx.List([
@@ -70,15 +83,21 @@ class TransformerLM(nnx.Module):
         out_sharding=(None, None), eager_sharding=False)
 
   def __call__(self, tokens: jax.Array, train: bool = False):
-    x = jnp.take(self.embed[...], tokens, axis=0)                       # [B, L, D]
+    x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)    # [B, L, D]
     zero = jnp.zeros((), jnp.float32)
     aux = {'load_balance_loss': zero, 'router_z_loss': zero, 'layers': {}}
+    run = _run_block_remat if self.remat else _run_block
     for i, block in enumerate(self.blocks):
-      x, layer_aux = block(x, train)
+      x, layer_aux = run(block, x, train)
       if layer_aux is not None:
         aux['load_balance_loss'] += layer_aux['load_balance_loss']
         aux['router_z_loss'] += layer_aux['router_z_loss']
         aux['layers'][i] = layer_aux
     x = self.final_norm(x)
     out = self.embed[...].T if self.unembed is None else self.unembed[...]
-    return jnp.einsum('bld,dv->blv', x, out).astype(jnp.float32), aux
+    return jnp.einsum('bld,dv->blv', x, out.astype(x.dtype),
+                      preferred_element_type=jnp.float32), aux
+
+  def moe_layers(self) -> dict[int, MoE]:
+    """{block index: its MoE layer}: the keys of aux['layers']."""
+    return {i: b.ffn for i, b in enumerate(self.blocks) if isinstance(b.ffn, MoE)}

@@ -256,9 +256,13 @@ def wrap(inner: optax.GradientTransformation, sparsity: float = 0.0,
   def init_fn(params):
     paths, vals, treedef = flatten(params)
     plan = plan_for(paths, vals)
+    # A mask keeps its parameter's Variable metadata (partition names), so an
+    # nnx.Optimizer shards it like the parameter.
+    like = jax.tree.leaves(params, is_leaf=is_variable)
     masks = [None] * len(vals)
     for i in plan.pruned:
-      masks[i] = jnp.ones_like(vals[i], dtype=bool)
+      ones = jnp.ones_like(vals[i], dtype=bool)
+      masks[i] = like[i].replace(ones) if is_variable(like[i]) else ones
     return PruneState(jnp.zeros((), jnp.int32), treedef.unflatten(masks), inner.init(params))
 
   def update_fn(updates, state, params=None, **extra_args):

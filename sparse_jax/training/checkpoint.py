@@ -1,13 +1,15 @@
 """Orbax checkpoints of a run: the (model, optimizer) state, the data position, the config.
 
 Typed PRNG keys are stored as raw key data (orbax cannot store key arrays) and wrapped
-again on restore; restores are placed with the shardings of the state they fill.
+again on restore. Restores are placed with the shardings of the state they fill, so a
+run resumes on another mesh, with or without FSDP, on another number of devices. The
+data position is the iterator's state as JSON: every process reads the same global
+batch (sparse_jax.data.pipeline), so one state serves any process count.
 """
 from __future__ import annotations
 
 import pathlib
 
-import grain
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
@@ -46,7 +48,7 @@ def save(mngr: ocp.CheckpointManager, step: int, state, data_iterator,
          config: ml_collections.ConfigDict, *, wait: bool = False) -> None:
   mngr.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave(_storable(state)),
-      data=grain.checkpoint.CheckpointSave(data_iterator),
+      data=ocp.args.JsonSave(data_iterator.get_state()),
       config=ocp.args.JsonSave(config.to_dict())))
   if wait:
     mngr.wait_until_finished()
@@ -56,7 +58,8 @@ def restore(mngr: ocp.CheckpointManager, step: int, state, shardings, data_itera
   """The state saved at `step`, placed like `state`; the iterator is moved in place."""
   restored = mngr.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(_abstract(state, shardings)),
-      data=grain.checkpoint.CheckpointRestore(data_iterator)))
+      data=ocp.args.JsonRestore()))
+  data_iterator.set_state(restored.data)
   return _rewrap_keys(state, restored.state)
 
 

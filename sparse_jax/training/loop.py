@@ -12,13 +12,14 @@ import time
 
 import jax
 import ml_collections
+import numpy as np
 from tqdm import tqdm
 
 from sparse_jax import data, sharding
 from sparse_jax.analysis.accounting import flops_from_config, params_from_config
-from sparse_jax.config import Spec, resolve
+from sparse_jax.config import Spec, check_resume, resolve
 from sparse_jax.training import checkpoint
-from sparse_jax.training.steps import bits_per_byte, build
+from sparse_jax.training.steps import bits_per_byte, build, memory
 from sparse_jax.upcycle import upcycle
 
 
@@ -60,7 +61,8 @@ class MetricsWriter:
 
 
 def _to_host(tree) -> dict:
-  return {k: float(v) for k, v in jax.device_get(tree).items()}
+  """Metrics -> JSON values: floats, and lists for vectors (e.g. expert_load [E])."""
+  return {k: v.tolist() if v.ndim else float(v) for k, v in jax.device_get(tree).items()}
 
 
 def make_mesh(spec: Spec):
@@ -79,11 +81,11 @@ def _iterator(spec: Spec, split, *, train: bool):
 
 
 def _evaluate(eval_fn, state, spec: Spec, mesh) -> dict:
-  sums, n = {}, 0
+  sums, n = None, 0
   it = _iterator(spec, 'validation', train=False)
   for batch in it:
-    m = _to_host(eval_fn(state, sharding.put_batch(batch, mesh)))
-    sums = {k: sums.get(k, 0.0) + v for k, v in m.items()}
+    m = jax.device_get(eval_fn(state, sharding.put_batch(batch, mesh)))
+    sums = m if sums is None else jax.tree.map(np.add, sums, m)
     n += 1
     if n == spec.train.eval_batches:
       break
@@ -91,7 +93,7 @@ def _evaluate(eval_fn, state, spec: Spec, mesh) -> dict:
   if n == 0:
     raise DataError('the validation split yielded no batch; lower train.batch_size or '
                     'train.seq_len, or use a larger corpus')
-  out = {k: v / n for k, v in sums.items()}
+  out = _to_host({k: v / n for k, v in sums.items()})
   out['bpb'] = bits_per_byte(out['loss'])
   out['batches'] = n
   return out
@@ -141,6 +143,9 @@ def train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
 
   ckpt = checkpoint.manager(workdir, keep=t.keep_checkpoints)
   start = ckpt.latest_step()
+  if start is not None:
+    check_resume(checkpoint.saved_config(ckpt, start), config,
+                 f'{workdir / "checkpoints"} (step {start})')
   model = None
   if start is None and spec.upcycle_from:
     _, dense_spec, dense = checkpoint.load_model(pathlib.Path(spec.upcycle_from), mesh)
@@ -156,6 +161,10 @@ def train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
     state = checkpoint.restore(ckpt, start, state, steps.shardings, train_it)
     say(f'resumed from step {start} in {workdir / "checkpoints"}')
   start = start or 0
+  batch = sharding.put_batch(next(train_it), mesh)
+  # Compiled ahead of time so that XLA's memory analysis of this very step is reported.
+  train_step = steps.train.lower(state, batch).compile()
+  mem = memory(steps, train_step)
   if progress is not None and start:
     progress.update(start)
 
@@ -167,6 +176,9 @@ def train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
   say(f"params: total {counts['total']:,} (+ embeddings {counts['embedding']:,}), "
       f"active per token {counts['active']:,}; training FLOPs per token "
       f"{flops['train']:.3g}")
+  say(f"memory per device: state {mem['state_bytes_per_device']:,} bytes "
+      f"(fsdp={spec.fsdp}), train step temporaries {mem['compiled_temp_bytes']:,} bytes "
+      f"(remat={t.remat!r}, dtype={spec.model.dtype!r}, microbatches={t.microbatches})")
   writer = MetricsWriter(workdir, start if start else None)
   tokens_per_step = t.batch_size * t.seq_len
   bar = progress or tqdm(total=t.steps, initial=start, disable=not lead, unit='step',
@@ -179,8 +191,10 @@ def train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
         if spec.profile_steps and step == start + 1:          # after the compiling step
           jax.profiler.start_trace(str(workdir / 'profile'))
           profiling = True
-        batch = sharding.put_batch(next(train_it), mesh)
-        state, metrics = steps.train(state, batch)
+        if batch is None:
+          batch = sharding.put_batch(next(train_it), mesh)
+        state, metrics = train_step(state, batch)
+        batch = None
         step += 1
         m = _to_host(metrics)
         if not math.isfinite(m['loss']) or not math.isfinite(m['total_loss']):
@@ -202,7 +216,8 @@ def train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
         bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{m['tokens_per_s']:.0f}",
                         drop=f"{m.get('dropped_fraction', 0.0):.3f}")
         if step % t.log_every == 0 or step == t.steps:
-          writer.write({'step': step, **m})
+          writer.write({'step': step, **m, **mem})
+          mem = {}                         # only in this run's first row
         if step % t.eval_every == 0 or step == t.steps:
           ev = _evaluate(steps.eval, state, spec, mesh)
           writer.write({'step': step, 'split': 'validation', **ev})

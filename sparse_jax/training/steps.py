@@ -14,11 +14,12 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, PartitionSpec as P
 
 from sparse_jax import pruning, sharding
-from sparse_jax.config import Spec
+from sparse_jax.config import ConfigError, Spec
 from sparse_jax.models import TransformerLM
+from sparse_jax.moe import RouterBias
 from sparse_jax.training.optimizer import make_optimizer
 
 ROUTING_METRICS = ('dropped_fraction', 'max_violation', 'router_entropy',
@@ -34,9 +35,10 @@ def lm_loss(model, batch, *, train: bool, lb_coef: float, z_coef: float):
 
 
 def routing_metrics(aux) -> dict[str, jax.Array]:
-  """Scalar routing metrics: per MoE block ('moe/<i>/<name>'), and averaged over blocks."""
-  out = {}
+  """Routing metrics of aux['layers']: per MoE block ('moe/<i>/<name>', with the
+  expert_load vector [E]), and the scalars averaged over blocks."""
   layers = aux['layers']
+  out = {f'moe/{i}/expert_load': layer['expert_load'] for i, layer in layers.items()}
   for name in ROUTING_METRICS:
     for i, layer in layers.items():
       out[f'moe/{i}/{name}'] = layer[name]
@@ -59,18 +61,70 @@ def sparsity_metrics(model, opt) -> dict[str, jax.Array]:
   return out
 
 
-def make_train_step(graphdef, spec: Spec):
+# Per-layer losses whose step value is the mean over micro-batches (a micro-batch's own
+# value uses its global statistics).
+_MICRO_MEANS = ('load_balance_loss', 'router_z_loss')
+
+
+def split_microbatches(batch, m: int, mesh: Mesh | None = None):
+  """[B, ...] -> [M, B/M, ...]: micro-batch i takes rows i, i+M, i+2M, ... so that each
+  device's micro-batch rows are rows it already holds (batch split over devices in
+  contiguous blocks whose size M divides)."""
+  def split(x):
+    x = x.reshape(x.shape[0] // m, m, *x.shape[1:]).swapaxes(0, 1)
+    return x if mesh is None else sharding.reshard(
+        x, mesh, P(None, sharding.token_axes(mesh) or None))
+  return jax.tree.map(split, batch)
+
+
+def make_train_step(graphdef, spec: Spec, mesh: Mesh | None = None):
+  """(state, batch) -> (state, metrics): one optimizer update from train.microbatches
+  micro-batches whose gradients are averaged.
+
+  Every micro-batch sees the step's parameters and loss-free biases. LM loss and z-loss
+  are means over all the step's tokens (equal-sized micro-batches); the load-balance
+  loss of a micro-batch uses that micro-batch's global statistics and the step's value
+  is their mean; the loss-free biases are updated once, from the step's summed counts;
+  routing metrics come from the step's summed statistics.
+  """
   moe = spec.model.moe
   coefs = dict(lb_coef=moe.load_balance_coef, z_coef=moe.z_loss_coef) if moe else dict(
       lb_coef=0.0, z_coef=0.0)
-  loss = lambda m, b: lm_loss(m, b, train=True, **coefs)
+  m = spec.train.microbatches
 
   def train_step(state, batch):
     model, opt = nnx.merge(graphdef, state)
-    (total, (ce, aux)), grads = nnx.value_and_grad(loss, has_aux=True)(model, batch)
+    # Parameters are differentiated, biases stay the step's, the rest (RNG counters) is
+    # carried from one micro-batch to the next.
+    mdef, params, bias, rest = nnx.split(model, nnx.Param, RouterBias, ...)
+
+    def micro(carry, mb):
+      grads, rest = carry
+
+      def loss(params):
+        mm = nnx.merge(mdef, params, bias, rest, copy=True)
+        total, (ce, aux) = lm_loss(mm, mb, train=True, **coefs)
+        return total, (ce, aux, nnx.split(mm, nnx.Param, RouterBias, ...)[3])
+
+      (total, (ce, aux, rest)), g = jax.value_and_grad(loss, has_aux=True)(params)
+      layers = {i: {k: a[k] for k in ('stats', *_MICRO_MEANS)}
+                for i, a in aux['layers'].items()}
+      return (jax.tree.map(jnp.add, grads, g), rest), (total, ce, layers)
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    (grads, rest), (total, ce, layers) = jax.lax.scan(
+        micro, (zeros, rest), split_microbatches(batch, m, mesh))
+    grads = jax.tree.map(lambda g: g / m, grads)
+    model = nnx.merge(mdef, params, bias, rest)
+    step_aux = {}
+    for i, layer in model.moe_layers().items():
+      stats = jax.tree.map(lambda x: x.sum(0), layers[i]['stats'])
+      layer.update_bias(stats['demand'])
+      step_aux[i] = {**layer.routing_metrics(stats),
+                     **{k: layers[i][k].mean() for k in _MICRO_MEANS}}
     opt.update(model, grads)
-    metrics = {'loss': ce, 'total_loss': total, 'grad_norm': optax.tree.norm(grads),
-               **routing_metrics(aux)}
+    metrics = {'loss': ce.mean(), 'total_loss': total.mean(),
+               'grad_norm': optax.tree.norm(grads), **routing_metrics({'layers': step_aux})}
     if spec.pruning is not None:
       metrics.update(sparsity_metrics(model, opt))
     return nnx.state((model, opt)), metrics
@@ -97,18 +151,33 @@ class Steps(NamedTuple):
 
 
 def build(spec: Spec, mesh: Mesh, model: TransformerLM | None = None) -> Steps:
-  """The model of spec (or `model`), its optimizer, the state on the mesh, and the
-  train and eval steps jitted with explicit shardings."""
+  """The model of spec (or `model`), its optimizer, the state on the mesh (split over
+  'data' too with spec.fsdp), and the train and eval steps jitted with explicit
+  shardings. Raises ConfigError when FSDP cannot split a parameter."""
   if model is None:
     model = TransformerLM(spec.model, mesh=mesh, rngs=nnx.Rngs(spec.seed))
+  model.remat = spec.train.remat == 'block'
   opt = nnx.Optimizer(model, make_optimizer(spec), wrt=nnx.Param)
   graphdef, state = nnx.split((model, opt))
-  shardings = sharding.state_shardings(state, mesh)
+  try:
+    sharding.state_shardings(nnx.state(model), mesh, fsdp=spec.fsdp)  # names the parameter
+    shardings = sharding.state_shardings(state, mesh, fsdp=spec.fsdp)
+  except ValueError as e:
+    raise ConfigError(f'mesh.fsdp=True: {e}; use a data axis that divides it, or '
+                      'mesh.fsdp=False') from None
   batch = sharding.batch_sharding(mesh)
-  train = jax.jit(make_train_step(graphdef, spec), in_shardings=(shardings, batch),
+  train = jax.jit(make_train_step(graphdef, spec, mesh), in_shardings=(shardings, batch),
                   out_shardings=(shardings, None), donate_argnums=0)
   evaluate = jax.jit(make_eval_step(graphdef), in_shardings=(shardings, batch))
   return Steps(graphdef, jax.device_put(state, shardings), shardings, train, evaluate)
+
+
+def memory(steps: Steps, compiled) -> dict[str, int]:
+  """state_bytes_per_device (parameters + optimizer state on the most loaded device, from
+  the arrays' shardings) and compiled_temp_bytes (XLA's memory analysis of `compiled`,
+  the train step compiled with steps.train.lower(...).compile())."""
+  return {'state_bytes_per_device': sharding.bytes_per_device(steps.state),
+          'compiled_temp_bytes': int(compiled.memory_analysis().temp_size_in_bytes)}
 
 
 def bits_per_byte(nats_per_token: float) -> float:

@@ -1,0 +1,90 @@
+"""What FSDP, remat and bfloat16 compute buy: memory per device and step time of the
+train step, {replicated, FSDP} x {remat none, block} x {float32, bfloat16}, on the
+8-device CPU mesh (data axis 8).
+
+  python experiments/bench_memory.py                 # configs/switch.py and a 2x wider one
+  python experiments/bench_memory.py --quick         # configs/tiny.py sizes (for the tests)
+  python experiments/bench_memory.py --out experiments/results
+
+state_bytes_per_device: parameters + optimizer state on the most loaded device, from the
+arrays' shardings. compiled_temp_bytes: XLA's memory analysis of the compiled step.
+Step time is a ratio to the replicated float32 run of the same model, measured
+interleaved in this run (batches are random tokens already on the mesh).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import pathlib
+
+import jax
+
+from sparse_jax.config import load_config, resolve
+
+import common
+
+CONFIGS = common.ROOT / 'configs'
+VARIANTS = list(itertools.product((False, True), ('none', 'block'), ('float32', 'bfloat16')))
+
+
+def _configs(quick: bool) -> dict:
+  switch = load_config(CONFIGS / 'switch.py')
+  if quick:
+    tiny = load_config(CONFIGS / 'tiny.py')
+    switch.model, switch.train = tiny.model, tiny.train
+    switch.train.batch_size = 16
+    return {'tiny': switch}
+  wide = load_config(CONFIGS / 'switch.py')
+  wide.model.d_model, wide.model.d_ff, wide.model.num_heads = 512, 2048, 8
+  return {'switch': switch, 'switch, 2x wider': wide}
+
+
+def main(argv=None):
+  common.setup_devices(8)
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument('--quick', action='store_true')
+  ap.add_argument('--steps', type=int, default=None, help='timed steps per variant')
+  ap.add_argument('--out', type=pathlib.Path, default=None,
+                  help='write bench_memory.{md,csv,json} here')
+  a = ap.parse_args(argv)
+  n = a.steps or (3 if a.quick else 5)
+  models = _configs(a.quick)
+  specs = {}
+  for model, base in models.items():
+    for fsdp, remat, dtype in VARIANTS:
+      c = common.override(base, mesh=dict(data=8, expert=1, fsdp=fsdp),
+                          train=dict(remat=remat), model=dict(dtype=dtype))
+      specs[(model, fsdp, remat, dtype)] = resolve(c, jax.device_count())
+  meta = common.provenance(sorted({0, *(s.seed for s in specs.values())}), source=None)
+  rows = []
+  for model in models:
+    mine = {k: s for k, s in specs.items() if k[0] == model}
+    memory = {}
+    sec = common.step_times(mine, n, memory=memory)
+    base = sec[(model, False, 'none', 'float32')]
+    # Replicated over a data-only mesh, every device holds the whole state.
+    total = memory[(model, False, 'none', 'float32')]['state_bytes_per_device']
+    for key, s in mine.items():
+      _, fsdp, remat, dtype = key
+      rows.append(dict(model=model, fsdp=fsdp, remat=remat, dtype=dtype,
+                       d_model=s.model.d_model, seq_len=s.train.seq_len,
+                       batch=s.train.batch_size, total_state_bytes=total,
+                       **memory[key], state_vs_total_over_8=memory[key][
+                           'state_bytes_per_device'] / (total / 8),
+                       step_time_ratio=sec[key] / base))
+  md = common.header('Memory per device: FSDP, remat, bfloat16', meta)
+  md += (f'Mesh data 8 x expert 1 (8 devices); median of {n} steps; state = parameters + '
+         'optimizer state.\n\n')
+  md += common.table(
+      ['model', 'FSDP', 'remat', 'compute dtype', 'state bytes / device',
+       'state / (total/8)', 'compiled temp bytes', 'step time / replicated f32'],
+      [[r['model'], r['fsdp'], r['remat'], r['dtype'], f"{r['state_bytes_per_device']:,}",
+        f"{r['state_vs_total_over_8']:.3f}", f"{r['compiled_temp_bytes']:,}",
+        f"{r['step_time_ratio']:.2f}"] for r in rows])
+  print(md)
+  if a.out:
+    common.write_results('bench_memory', md, rows, meta, a.out)
+
+
+if __name__ == '__main__':
+  main()
