@@ -9,12 +9,21 @@ train step, {replicated, FSDP} x {remat none, block} x {float32, bfloat16}, on t
 state_bytes_per_device: parameters + optimizer state on the most loaded device, from the
 arrays' shardings. compiled_temp_bytes: XLA's memory analysis of the compiled step.
 Step time is a ratio to the replicated float32 run of the same model, measured
-interleaved in this run (batches are random tokens already on the mesh).
+interleaved in this run (batches are random tokens already on the mesh). The global
+batch is 64 sequences (8 per device), so that activations, what remat saves, are a
+visible part of the temporaries.
+
+XLA:CPU (jax 0.10.2) schedules for concurrency by default and then runs the recomputed
+forward of every rematerialised block early, which keeps all activations alive: remat
+saves nothing there. This script turns that scheduler off
+(--xla_cpu_enable_concurrency_optimized_scheduler=false) so the table shows what remat
+buys; pass the flag in XLA_FLAGS to get the same in training on CPU.
 """
 from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import pathlib
 
 import jax
@@ -34,12 +43,17 @@ def _configs(quick: bool) -> dict:
     switch.model, switch.train = tiny.model, tiny.train
     switch.train.batch_size = 16
     return {'tiny': switch}
-  wide = load_config(CONFIGS / 'switch.py')
-  wide.model.d_model, wide.model.d_ff, wide.model.num_heads = 512, 2048, 8
+  switch.train.batch_size = 64
+  wide = common.override(switch, model=dict(d_model=512, d_ff=2048, num_heads=8))
   return {'switch': switch, 'switch, 2x wider': wide}
 
 
+CPU_FLAG = '--xla_cpu_enable_concurrency_optimized_scheduler=false'
+
+
 def main(argv=None):
+  # Read when the CPU backend starts, which setup_devices leaves to the first computation.
+  os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {CPU_FLAG}".strip()
   common.setup_devices(8)
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument('--quick', action='store_true')
@@ -74,7 +88,7 @@ def main(argv=None):
                        step_time_ratio=sec[key] / base))
   md = common.header('Memory per device: FSDP, remat, bfloat16', meta)
   md += (f'Mesh data 8 x expert 1 (8 devices); median of {n} steps; state = parameters + '
-         'optimizer state.\n\n')
+         f'optimizer state; XLA_FLAGS={CPU_FLAG}.\n\n')
   md += common.table(
       ['model', 'FSDP', 'remat', 'compute dtype', 'state bytes / device',
        'state / (total/8)', 'compiled temp bytes', 'step time / replicated f32'],
