@@ -284,7 +284,7 @@ def validation_tokens(spec: Spec, batches: int = 1) -> np.ndarray:
 
 # ---------------------------------------------------------------------- timing
 
-def _random_batch_step(spec: Spec):
+def compiled_step(spec: Spec):
   """[train step compiled ahead of time, its state, a batch of random tokens on spec's
   mesh, steps.memory of it]."""
   mesh = loop.make_mesh(spec)
@@ -302,9 +302,14 @@ def step_times(specs: dict[str, Spec], n: int = 8, memory: dict | None = None
   """Median seconds per train step of each spec, measured interleaved after 2 warm-up
   steps (the batches are random tokens already on the mesh: model time, not input).
   memory: a dict to fill with steps.memory of each spec's compiled step."""
-  runs = {name: _random_batch_step(s) for name, s in specs.items()}
+  runs = {name: compiled_step(s) for name, s in specs.items()}
   if memory is not None:
     memory.update({name: r[3] for name, r in runs.items()})
+  return interleaved_times(runs, n)
+
+
+def interleaved_times(runs: dict[str, list], n: int) -> dict[str, float]:
+  """Median seconds per step of each compiled_step run, interleaved, after 2 warm-ups."""
   times = {name: [] for name in runs}
   for it in range(n + 2):
     for name, r in runs.items():
