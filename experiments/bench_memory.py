@@ -14,16 +14,16 @@ batch is 64 sequences (8 per device), so that activations, what remat saves, are
 visible part of the temporaries.
 
 XLA:CPU (jax 0.10.2) schedules for concurrency by default and then runs the recomputed
-forward of every rematerialised block early, which keeps all activations alive: remat
-saves nothing there. This script turns that scheduler off
-(--xla_cpu_enable_concurrency_optimized_scheduler=false) so the table shows what remat
-buys; pass the flag in XLA_FLAGS to get the same in training on CPU.
+forward of rematerialised blocks early, which keeps their activations alive: remat saves
+almost nothing there. This script turns that scheduler off
+(--xla_cpu_enable_concurrency_optimized_scheduler=false, common.setup_devices) so the
+table shows what remat buys; pass the flag in XLA_FLAGS to get the same in training on
+CPU.
 """
 from __future__ import annotations
 
 import argparse
 import itertools
-import os
 import pathlib
 
 import jax
@@ -48,13 +48,8 @@ def _configs(quick: bool) -> dict:
   return {'switch': switch, 'switch, 1.5x wider': wide}
 
 
-CPU_FLAG = '--xla_cpu_enable_concurrency_optimized_scheduler=false'
-
-
 def main(argv=None):
-  # Read when the CPU backend starts, which setup_devices leaves to the first computation.
-  os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {CPU_FLAG}".strip()
-  common.setup_devices(8)
+  common.setup_devices(8, memory_aware_cpu_scheduler=True)
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument('--quick', action='store_true')
   ap.add_argument('--steps', type=int, default=None, help='timed steps per variant')
@@ -93,7 +88,7 @@ def main(argv=None):
     del base
   md = common.header('Memory per device: FSDP, remat, bfloat16', meta)
   md += (f'Mesh data 8 x expert 1 (8 devices); median of {n} steps; state = parameters + '
-         f'optimizer state; XLA_FLAGS={CPU_FLAG}.\n\n')
+         f'optimizer state; XLA_FLAGS={common.MEMORY_AWARE_CPU_SCHEDULER}.\n\n')
   md += common.table(
       ['model', 'FSDP', 'remat', 'compute dtype', 'state bytes / device',
        'state / (total/8)', 'compiled temp bytes', 'step time / replicated f32'],

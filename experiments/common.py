@@ -54,9 +54,17 @@ SIZES = {
 }
 
 
-def setup_devices(n: int = 8) -> None:
-  """n simulated CPU devices. Must run before the first JAX computation; a process that
-  already runs on n devices (e.g. under the tests' conftest) is left as it is."""
+# XLA:CPU (jax 0.10.2) schedules for concurrency by default and then runs the recomputed
+# forward of rematerialised blocks early, which keeps their activations alive.
+MEMORY_AWARE_CPU_SCHEDULER = '--xla_cpu_enable_concurrency_optimized_scheduler=false'
+
+
+def setup_devices(n: int = 8, *, memory_aware_cpu_scheduler: bool = False) -> None:
+  """n simulated CPU devices (and, if asked, XLA:CPU's memory-aware scheduler). Must run
+  before the first JAX computation; a process that already runs on n devices (e.g. under
+  the tests' conftest) is left as it is."""
+  if memory_aware_cpu_scheduler:     # read when the CPU backend starts
+    os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {MEMORY_AWARE_CPU_SCHEDULER}"
   try:
     jax.config.update('jax_num_cpu_devices', n)
   except RuntimeError:                        # backends already up: fine if they fit

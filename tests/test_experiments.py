@@ -172,3 +172,21 @@ def test_bench_provenance(script, tmp_path, capsys):
   assert next(iter(result)) == 'meta'
   _check_meta(result['meta'], corpus=False)
   assert capsys.readouterr().out.startswith('# ')
+
+
+@pytest.mark.slow
+def test_bench_memory_and_bf16_provenance(tmp_path, capsys):
+  importlib.import_module('bench_memory').main(['--quick', '--steps', '1', '--out',
+                                                str(tmp_path)])
+  result = json.loads((tmp_path / 'bench_memory.json').read_text())
+  _check_meta(result['meta'], corpus=False)
+  rows = result['rows']
+  assert len(rows) == 8 and {r['fsdp'] for r in rows} == {False, True}
+  # FSDP over 8 data shards: within 1.15x of an eighth of the state (tiny norm scales and
+  # counters stay replicated).
+  assert all(r['state_vs_total_over_8'] <= 1.15 for r in rows if r['fsdp'])
+  importlib.import_module('bench_bf16').main(['--steps', '2', '--json',
+                                              str(tmp_path / 'bf16.json')])
+  result = json.loads((tmp_path / 'bf16.json').read_text())
+  _check_meta(result['meta'])
+  assert 0 <= result['max_rel_train_loss'] < 1e-2
