@@ -17,7 +17,7 @@ XLA:CPU (jax 0.10.2) schedules for concurrency by default and then runs the reco
 forward of rematerialised blocks early, which keeps their activations alive: remat saves
 almost nothing there. This script turns that scheduler off
 (--xla_cpu_enable_concurrency_optimized_scheduler=false, common.setup_devices) so the
-table shows what remat buys; pass the flag in XLA_FLAGS to get the same in training on
+table shows what remat buys; set the same XLA flag in the environment to get it in training on
 CPU.
 """
 from __future__ import annotations
@@ -88,7 +88,7 @@ def main(argv=None):
     del base
   md = common.header('Memory per device: FSDP, remat, bfloat16', meta)
   md += (f'Mesh data 8 x expert 1 (8 devices); median of {n} steps; state = parameters + '
-         f'optimizer state; XLA_FLAGS={common.MEMORY_AWARE_CPU_SCHEDULER}.\n\n')
+         f'optimizer state; XLA flag {common.MEMORY_AWARE_CPU_SCHEDULER}.\n\n')
   md += common.table(
       ['model', 'FSDP', 'remat', 'compute dtype', 'state bytes / device',
        'state / (total/8)', 'compiled temp bytes', 'step time / replicated f32'],
