@@ -47,6 +47,12 @@ def ffn_weight_names(activation: str) -> tuple[str, ...]:
   return ('wi', 'wi_gate', 'wo') if activation == 'swiglu' else ('wi', 'wo')
 
 
+def as_compute(w, x: jax.Array):
+  """Weight w in x's (compute) dtype. A no-op when it already is, which also leaves
+  wrapped weights alone (qwix's quantised arrays intercept the matmul themselves)."""
+  return w if w.dtype == x.dtype else w.astype(x.dtype)
+
+
 def _matmul(x, w):
   return jnp.einsum('nd,df->nf', x, w)
 
@@ -59,9 +65,9 @@ def ffn_hidden(w: dict[str, jax.Array], x: jax.Array, activation: str,
   silu(x @ wi_gate) * (x @ wi) for swiglu. `matmul(x, w)` lets the dropless path use a
   grouped matmul with the same rule.
   """
-  h = matmul(x, w['wi'].astype(x.dtype))
+  h = matmul(x, as_compute(w['wi'], x))
   if activation == 'swiglu':
-    return jax.nn.silu(matmul(x, w['wi_gate'].astype(x.dtype))) * h
+    return jax.nn.silu(matmul(x, as_compute(w['wi_gate'], x))) * h
   return {'gelu': jax.nn.gelu, 'relu': jax.nn.relu}[activation](h)
 
 
@@ -69,7 +75,7 @@ def ffn(w: dict[str, jax.Array], x: jax.Array, activation: str,
         matmul: Callable = _matmul) -> jax.Array:
   """ffn_hidden(x) @ wo. x [N, D] -> [N, D]. The compute dtype is x's: float32 weights
   are cast to it (mixed precision keeps float32 master weights)."""
-  return matmul(ffn_hidden(w, x, activation, matmul), w['wo'].astype(x.dtype))
+  return matmul(ffn_hidden(w, x, activation, matmul), as_compute(w['wo'], x))
 
 
 class DenseFFN(nnx.Module):
@@ -140,8 +146,8 @@ class Attention(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     b, l, d = x.shape
-    q, k, v = (jnp.einsum('bld,dk->blk', x, w[...].astype(x.dtype))
+    q, k, v = (jnp.einsum('bld,dk->blk', x, as_compute(w[...], x))
                .reshape(b, l, self.num_heads, -1)
                for w in (self.wq, self.wk, self.wv))                    # [B, L, H, Dh]
     out = jax.nn.dot_product_attention(rope(q), rope(k), v, is_causal=True)
-    return jnp.einsum('blk,kd->bld', out.reshape(b, l, -1), self.wo[...].astype(x.dtype))
+    return jnp.einsum('blk,kd->bld', out.reshape(b, l, -1), as_compute(self.wo[...], x))

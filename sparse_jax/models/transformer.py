@@ -12,7 +12,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from sparse_jax.config import ModelSpec
-from sparse_jax.layers import Attention, DenseFFN, RMSNorm
+from sparse_jax.layers import Attention, DenseFFN, RMSNorm, as_compute
 from sparse_jax.moe import MoE
 
 
@@ -95,7 +95,7 @@ class TransformerLM(nnx.Module):
         aux['layers'][i] = layer_aux
     x = self.final_norm(x)
     out = self.embed[...].T if self.unembed is None else self.unembed[...]
-    return jnp.einsum('bld,dv->blv', x, out.astype(x.dtype),
+    return jnp.einsum('bld,dv->blv', x, as_compute(out, x),
                       preferred_element_type=jnp.float32), aux
 
   def moe_layers(self) -> dict[int, MoE]:
