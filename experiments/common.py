@@ -59,6 +59,12 @@ SIZES = {
 MEMORY_AWARE_CPU_SCHEDULER = '--xla_cpu_enable_concurrency_optimized_scheduler=false'
 
 
+def cpu_env(*, memory_aware_cpu_scheduler: bool = False) -> dict:
+  """Environment for a child process on XLA:CPU with one device and the chosen scheduler."""
+  return dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=(
+      MEMORY_AWARE_CPU_SCHEDULER if memory_aware_cpu_scheduler else ''))
+
+
 def setup_devices(n: int = 8, *, memory_aware_cpu_scheduler: bool = False) -> None:
   """n simulated CPU devices (and, if asked, XLA:CPU's memory-aware scheduler). Must run
   before the first JAX computation; a process that already runs on n devices (e.g. under
