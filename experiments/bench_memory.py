@@ -13,12 +13,10 @@ interleaved in this run (batches are random tokens already on the mesh). The glo
 batch is 64 sequences (8 per device), so that activations, what remat saves, are a
 visible part of the temporaries.
 
-XLA:CPU (jax 0.10.2) schedules for concurrency by default and then runs the recomputed
-forward of rematerialised blocks early, which keeps their activations alive: remat saves
-almost nothing there. This script turns that scheduler off
+XLA:CPU (jax 0.10.2) schedules for concurrency by default, and then remat saves almost
+nothing (experiments/bench_remat_cpu.py). This script uses its memory-aware scheduler
 (--xla_cpu_enable_concurrency_optimized_scheduler=false, common.setup_devices) so the
-table shows what remat buys; set the same XLA flag in the environment to get it in training on
-CPU.
+table shows what remat buys where XLA:CPU lets it.
 """
 from __future__ import annotations
 

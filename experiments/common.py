@@ -54,8 +54,8 @@ SIZES = {
 }
 
 
-# XLA:CPU (jax 0.10.2) schedules for concurrency by default and then runs the recomputed
-# forward of rematerialised blocks early, which keeps their activations alive.
+# XLA:CPU (jax 0.10.2) schedules for concurrency by default, and then per-layer remat saves
+# no memory (experiments/bench_remat_cpu.py); this flag picks its memory-aware scheduler.
 MEMORY_AWARE_CPU_SCHEDULER = '--xla_cpu_enable_concurrency_optimized_scheduler=false'
 
 
