@@ -190,3 +190,14 @@ def test_bench_memory_and_bf16_provenance(tmp_path, capsys):
   result = json.loads((tmp_path / 'bf16.json').read_text())
   _check_meta(result['meta'])
   assert 0 <= result['max_rel_train_loss'] < 1e-2
+
+
+@pytest.mark.slow
+def test_bench_remat_cpu_shows_when_remat_saves(tmp_path):
+  """The README's account of remat on XLA:CPU: it saves memory only under the
+  memory-aware scheduler and only when no gradient reaches the first layer's input."""
+  importlib.import_module('bench_remat_cpu').main(['--json', str(tmp_path / 'r.json')])
+  rows = {(r['scheduler'], r['input']): r['ratio']
+          for r in json.loads((tmp_path / 'r.json').read_text())['rows']}
+  assert rows[('memory-aware', 'argument, no gradient')] > 1.5
+  assert all(v < 1.1 for k, v in rows.items() if k != ('memory-aware', 'argument, no gradient'))
