@@ -226,9 +226,11 @@ def test_nan_guard_stops_and_keeps_last_good_checkpoint(tmp_path, data_dir, caps
     ('--config.train.steps=abc', ['abc']),
     ('--config.nonexistent=1', ['nonexistent', 'base_config']),
     ('--config=configs/nope.py', ['configs/nope.py']),
+    (('--config.mesh.fsdp=True', '--config.model.d_model=36'),
+     ['mesh.fsdp=True', 'blocks.0.attn.wk', 'data axis size 8']),
 ])
 def test_config_errors_exit_2_with_one_line(tmp_path, data_dir, flag, words):
-  p = _cli(tmp_path, data_dir, flag)
+  p = _cli(tmp_path, data_dir, *((flag,) if isinstance(flag, str) else flag))
   out, err = p.communicate(timeout=120)
   assert p.returncode == 2, (out, err)
   lines = [l for l in err.splitlines() if l.strip()]
