@@ -70,7 +70,8 @@ def main(argv=None):
   from sparse_jax.training import checkpoint, loop
   try:
     code = loop.train(config, pathlib.Path(FLAGS.workdir))
-  except (ConfigError, loop.DataError, checkpoint.NoCheckpointError) as e:
+  except (ConfigError, loop.DataError, loop.WorkdirBusyError,
+          checkpoint.NoCheckpointError) as e:
     _die(e)                     # ConfigError here: FSDP cannot split, or resume refused
   sys.exit(code)
 

@@ -284,3 +284,26 @@ def test_two_processes_reproduce_one_process(tmp_path, data_dir):
   assert [r['step'] for r in b] == list(range(1, 7))
   np.testing.assert_allclose([r['loss'] for r in b], [r['loss'] for r in a], rtol=1e-5)
   assert (tmp_path / 'two' / 'checkpoints' / '6').exists()
+
+
+def test_a_second_trainer_on_a_workdir_is_refused(tmp_path, data_dir):
+  """The lock is an flock: it conflicts across open files, even in one process, and the
+  OS releases it when its holder dies."""
+  import fcntl
+  with open(tmp_path / 'trainer.lock', 'w') as holder:
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    holder.write('12345')
+    holder.flush()
+    with pytest.raises(loop.WorkdirBusyError) as e:
+      loop.train(_config(data_dir), tmp_path)
+  assert str(tmp_path) in str(e.value) and 'pid 12345' in str(e.value)
+  assert '\n' not in str(e.value) and not (tmp_path / 'checkpoints').exists()
+
+
+def test_a_cut_off_last_metrics_line_is_dropped_on_resume(tmp_path, capsys):
+  rows = [json.dumps({'step': s, 'loss': 1.0}) for s in (1, 2, 3)]
+  (tmp_path / 'metrics.jsonl').write_text('\n'.join(rows) + '\n{"step": 4, "lo')
+  writer = loop.MetricsWriter(tmp_path, resume_step=2)
+  writer.close()
+  assert [r['step'] for r in _rows(tmp_path)] == [1, 2]
+  assert 'cut-off last line' in capsys.readouterr().err

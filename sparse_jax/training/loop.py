@@ -3,8 +3,10 @@ checkpoints, metrics, and the guards (NaN/Inf, SIGTERM)."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import math
+import os
 import pathlib
 import signal
 import sys
@@ -27,6 +29,31 @@ class DataError(ValueError):
   """The data source cannot be read (e.g. a TFDS dataset that was never prepared)."""
 
 
+class WorkdirBusyError(ValueError):
+  """Another trainer holds the workdir."""
+
+
+@contextlib.contextmanager
+def _workdir_lock(workdir: pathlib.Path):
+  """One trainer per workdir: an exclusive flock on workdir/trainer.lock, taken by process
+  0 only (one per workdir, not per process) and released by the OS if the process dies."""
+  if jax.process_index() != 0:
+    yield
+    return
+  with open(workdir / 'trainer.lock', 'a+') as f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      f.seek(0)
+      holder = f.read().strip() or 'unknown'
+      raise WorkdirBusyError(f'{workdir} is in use by another trainer (pid {holder}); wait for '
+                             'it to finish or stop it, or use another --workdir') from None
+    f.truncate(0)
+    f.write(str(os.getpid()))
+    f.flush()
+    yield
+
+
 class MetricsWriter:
   """metrics.jsonl and TensorBoard events, written by process 0 only."""
 
@@ -36,11 +63,15 @@ class MetricsWriter:
     self.tb = None
     if not self.active:
       return
-    # Rows past the checkpoint we resume from were made by the run that died: drop them.
+    # Rows past the checkpoint we resume from were made by the run that died: drop them,
+    # and a last row cut off by a kill mid-write.
     rows = []
     if resume_step is not None and self.path.exists():
-      rows = [r for r in self.path.read_text().splitlines()
-              if r and json.loads(r)['step'] <= resume_step]
+      lines = [r for r in self.path.read_text().splitlines() if r]
+      if lines and not _is_json(lines[-1]):
+        print(f'note: dropped a cut-off last line of {self.path}', file=sys.stderr)
+        lines = lines[:-1]
+      rows = [r for r in lines if json.loads(r)['step'] <= resume_step]
     self.path.write_text(''.join(r + '\n' for r in rows))
     from tensorboardX import SummaryWriter
     self.tb = SummaryWriter(str(workdir / 'tb'))
@@ -58,6 +89,14 @@ class MetricsWriter:
   def close(self):
     if self.tb is not None:
       self.tb.close()
+
+
+def _is_json(line: str) -> bool:
+  try:
+    json.loads(line)
+    return True
+  except json.JSONDecodeError:
+    return False
 
 
 def _to_host(tree) -> dict:
@@ -126,14 +165,20 @@ def train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
           progress: tqdm | None = None) -> int:
   """Run (or resume) training of `config` in `workdir`; returns the process exit code.
 
-  Raises config.ConfigError for a bad config and DataError for unreadable data.
+  Raises config.ConfigError for a bad config, DataError for unreadable data and
+  WorkdirBusyError when another trainer holds the workdir.
   progress: a caller's bar to advance one unit per step (e.g. one bar over many runs);
   by default each run draws its own.
   """
   spec = resolve(config, jax.device_count(), jax.process_count())
+  workdir.mkdir(parents=True, exist_ok=True)
+  with _workdir_lock(workdir):
+    return _train(config, spec, workdir, progress)
+
+
+def _train(config, spec: Spec, workdir: pathlib.Path, progress) -> int:
   lead = jax.process_index() == 0
   say = print if lead else (lambda *a, **k: None)
-  workdir.mkdir(parents=True, exist_ok=True)
   t = spec.train
   mesh = make_mesh(spec)
   try:
