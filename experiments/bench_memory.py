@@ -29,6 +29,7 @@ import jax
 from sparse_jax.config import load_config, resolve
 
 import common
+import timing
 
 CONFIGS = common.ROOT / 'configs'
 VARIANTS = list(itertools.product((False, True), ('none', 'block'), ('float32', 'bfloat16')))
@@ -68,13 +69,13 @@ def main(argv=None):
     # One variant at a time next to the baseline (all eight of the wider model's states
     # do not fit in this machine's memory at once).
     base_key = (model, False, 'none', 'float32')
-    base = common.compiled_step(specs[base_key])
+    base = timing.compiled_step(specs[base_key])
     total = base[3]['state_bytes_per_device']    # replicated on a data-only mesh: all of it
     for key, s in specs.items():
       if key[0] != model:
         continue
-      run = base if key == base_key else common.compiled_step(s)
-      sec = common.interleaved_times({'base': base, 'variant': run}, n)
+      run = base if key == base_key else timing.compiled_step(s)
+      sec = timing.interleaved_times({'base': base, 'variant': run}, n)
       mem = run[3]
       _, fsdp, remat, dtype = key
       rows.append(dict(model=model, fsdp=fsdp, remat=remat, dtype=dtype,

@@ -18,6 +18,7 @@ from sparse_jax.analysis.accounting import flops_from_config, params_from_config
 from sparse_jax.config import load_config, resolve
 
 import common
+import timing
 
 CONFIGS = common.ROOT / 'configs'
 
@@ -44,7 +45,7 @@ def main(argv=None):
   n = a.steps or (20 if a.quick else 8)
   # Seeds: the configs' (weights) and step_times' random tokens' (0).
   meta = common.provenance(sorted({0, *(s.seed for s in specs.values())}), source=None)
-  sec = common.step_times(specs, n)
+  sec = timing.step_times(specs, n)
   base = sec['dense']
   rows = []
   for name, s in specs.items():

@@ -5,7 +5,6 @@
   - `Runner` / `run_study`: train configs in workdirs named by config hash that resume
     after a crash (loop.train), under one overall progress bar; a finished run is reused
     only while the library source that trained it is unchanged;
-  - `step_times`: train-step times of several specs, interleaved so drift hits all;
   - `curve_at` / `steps_to`: read a validation curve at a step or at a target loss;
   - `provenance`, `header`, `report` and `write_results`: every table carries its
     command, git revision, library hash, machine, device count, corpus and seeds.
@@ -24,19 +23,17 @@ import os
 import pathlib
 import platform
 import shutil
-import statistics
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
 from tqdm import tqdm
 
 import sparse_jax
-from sparse_jax import data, sharding
+from sparse_jax import data
 from sparse_jax.config import Spec, base_config, resolve
-from sparse_jax.training import checkpoint, loop, steps
+from sparse_jax.training import checkpoint, loop
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / 'experiments' / 'results'
@@ -294,50 +291,6 @@ def validation_tokens(spec: Spec, batches: int = 1) -> np.ndarray:
   out = [next(it)['inputs'] for _ in range(batches)]
   it.close()
   return np.concatenate(out)
-
-
-# ---------------------------------------------------------------------- timing
-
-def compiled_step(spec: Spec):
-  """[train step compiled ahead of time, its state, a batch of random tokens on spec's
-  mesh, steps.memory of it]."""
-  mesh = loop.make_mesh(spec)
-  s = steps.build(spec, mesh)
-  t = spec.train
-  tokens = np.random.default_rng(0).integers(0, 256, (t.batch_size, t.seq_len + 1))
-  batch = sharding.put_batch({'inputs': tokens[:, :-1].astype(np.int32),
-                              'targets': tokens[:, 1:].astype(np.int32)}, mesh)
-  compiled = s.train.lower(s.state, batch).compile()
-  return [compiled, s.state, batch, steps.memory(s, compiled)]
-
-
-def step_times(specs: dict[str, Spec], n: int = 8, memory: dict | None = None
-               ) -> dict[str, float]:
-  """Median seconds per train step of each spec, measured interleaved after 2 warm-up
-  steps (the batches are random tokens already on the mesh: model time, not input).
-  memory: a dict to fill with steps.memory of each spec's compiled step."""
-  runs = {name: compiled_step(s) for name, s in specs.items()}
-  if memory is not None:
-    memory.update({name: r[3] for name, r in runs.items()})
-  return interleaved_times(runs, n)
-
-
-def interleaved_times(runs: dict[str, list], n: int) -> dict[str, float]:
-  """Median seconds per step of each compiled_step run, interleaved, after 2 warm-ups."""
-  times = {name: [] for name in runs}
-  for it in range(n + 2):
-    for name, r in runs.items():
-      t0 = time.perf_counter()
-      r[1], m = r[0](r[1], r[2])
-      jax.block_until_ready(m)
-      if it >= 2:
-        times[name].append(time.perf_counter() - t0)
-  return {name: statistics.median(t) for name, t in times.items()}
-
-
-def timed_steps(preset: str) -> int:
-  """Timed steps per model in step_times: few for the tests."""
-  return 3 if preset == 'smoke' else 8
 
 
 # -------------------------------------------------------------------- numbers

@@ -36,6 +36,7 @@ from sparse_jax.pruning.compaction import compact
 from sparse_jax.training import loop
 
 import common
+import timing
 from common import curve_at, fmt, mean_std, steps_to
 
 SEEDS = {'smoke': [0], 'quick': [0], 'full': [0, 1, 2]}
@@ -100,7 +101,7 @@ def main(argv=None):
   # Step time does not depend on the seed: the first seed's runs stand for all.
   timed = {name: runs[0]['spec'] for name, runs in results.items()}
   timed['structured (compacted)'] = small
-  sec = common.step_times(timed, n=common.timed_steps(a.preset))
+  sec = timing.step_times(timed, n=timing.timed_steps(a.preset))
 
   rows = summarize(variants, results, sec, small.model)
   path = common.report('compare', a, f'Dense vs MoE vs pruned under matched compute '

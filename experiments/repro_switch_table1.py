@@ -11,6 +11,7 @@ perplexity on C4 span corruption). Step time is measured side by side.
 from __future__ import annotations
 
 import common
+import timing
 from common import fmt
 
 CFS = (1.0, 1.25, 2.0)
@@ -36,8 +37,8 @@ def main(argv=None):
   cfgs = configs(base)
   meta = common.provenance([base.seed])
   res = common.run_study('repro', a.preset, cfgs, a.runs)
-  sec = common.step_times({name: r['spec'] for name, r in res.items()},
-                          n=common.timed_steps(a.preset))
+  sec = timing.step_times({name: r['spec'] for name, r in res.items()},
+                          n=timing.timed_steps(a.preset))
   rows = []
   for name, r in res.items():
     rows.append(dict(model=name, quality=-r['val_loss'], val_loss=r['val_loss'],

@@ -20,7 +20,8 @@ REPROS = {'repro_switch_table1': 'switch_table1', 'repro_expert_count': 'expert_
           'repro_loss_free': 'loss_free', 'repro_pruning': 'pruning',
           'repro_activation_sparsity': 'activation_sparsity',
           'repro_quantization': 'quantization'}
-SCRIPTS = sorted(p.stem for p in EXPERIMENTS.glob('*.py') if p.stem != 'common')
+SCRIPTS = sorted(p.stem for p in EXPERIMENTS.glob('*.py')
+                 if p.stem not in ('common', 'timing'))          # the two helper modules
 
 
 @pytest.fixture(scope='module')
