@@ -7,7 +7,7 @@ import importlib
 
 __version__ = '0.1.0'
 __all__ = ['analysis', 'config', 'data', 'dispatch', 'layers', 'models', 'moe', 'pruning',
-           'routing', 'sharding', 'training', 'upcycle']
+           'routing', 'sharding', 'specs', 'training', 'upcycle']
 
 
 def __getattr__(name):

@@ -4,7 +4,7 @@ Config files live in configs/ (each has get_config()); they start from base_conf
 from a sibling file through load_config(). validate() checks every cross-field constraint
 and raises ConfigError with one sentence per problem naming the key, the value and what
 is valid. resolve() then turns the ConfigDict into frozen specs with every default
-filled in (ModelSpec, MoESpec, TrainSpec, PruningSpec, ...): models, accounting,
+filled in (specs.py: ModelSpec, MoESpec, TrainSpec, PruningSpec, ...): models, accounting,
 compaction, upcycling and the trainer take specs, never a ConfigDict. Checkpoints keep
 the ConfigDict itself (as JSON); from_saved() reads it back, filling keys added since.
 """
@@ -21,6 +21,8 @@ from sparse_jax.dispatch import BACKENDS
 from sparse_jax.layers import ACTIVATIONS
 from sparse_jax.moe import BALANCING, EXPERT_COMPUTE, ROUTINGS
 from sparse_jax.sharding import mesh_sizes
+# The specs live in specs.py; importing them from here keeps one boundary module.
+from sparse_jax.specs import ModelSpec, MoESpec, PruningSpec, Spec, TrainSpec  # noqa: F401
 
 DTYPES = ('float32', 'bfloat16')
 REMAT = ('none', 'block')
@@ -185,128 +187,6 @@ def parse_n_m(text: str) -> tuple[int, int]:
 
 class ConfigError(ValueError):
   """A config value that cannot work; the message is one line."""
-
-
-# ---------------------------------------------------------------------------- specs
-
-@dataclasses.dataclass(frozen=True)
-class MoESpec:
-  """The MoE blocks of a model, every default resolved."""
-  num_experts: int
-  k: int
-  capacity_factor: float
-  dispatch: str
-  routing: str
-  allow_lookahead: bool
-  moe_every: int
-  moe_offset: int
-  d_ff: int
-  shared_d_ff: int                 # 0: no shared expert
-  group_size: int | None           # None: the tokens one device holds
-  balancing: str
-  bias_rate: float
-  router_jitter: float
-  init_scale: float
-  router_init_scale: float
-  normalize_weights: bool
-  expert_compute: str | None       # None: moe.default_expert_compute() where it runs
-  load_balance_coef: float
-  z_loss_coef: float
-
-  def layer_kwargs(self) -> dict:
-    """Keyword arguments of sparse_jax.moe.MoE beyond d_model, d_ff and num_experts."""
-    return dict(k=self.k, capacity_factor=self.capacity_factor, dispatch=self.dispatch,
-                routing=self.routing, allow_lookahead=self.allow_lookahead,
-                normalize_weights=self.normalize_weights, group_size=self.group_size,
-                balancing=self.balancing, bias_rate=self.bias_rate,
-                router_jitter=self.router_jitter, init_scale=self.init_scale,
-                router_init_scale=self.router_init_scale,
-                shared_d_ff=self.shared_d_ff or None, expert_compute=self.expert_compute)
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelSpec:
-  """The decoder LM, every default resolved; moe is None for an all-dense model."""
-  vocab_size: int
-  d_model: int
-  num_layers: int
-  num_heads: int
-  head_dim: int
-  d_ff: int
-  activation: str
-  tie_embeddings: bool
-  init_scale: float
-  param_dtype: str
-  dtype: str                       # compute dtype of activations and matmuls
-  moe: MoESpec | None
-
-  def is_moe_block(self, i: int) -> bool:
-    """Block i is MoE when i >= moe_offset and (i - moe_offset) % moe_every == 0."""
-    m = self.moe
-    return m is not None and i >= m.moe_offset and (i - m.moe_offset) % m.moe_every == 0
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainSpec:
-  steps: int
-  batch_size: int
-  seq_len: int
-  microbatches: int
-  remat: str
-  lr: float
-  warmup_steps: int
-  lr_decay_steps: int
-  min_lr_ratio: float
-  weight_decay: float
-  b1: float
-  b2: float
-  grad_clip: float
-  log_every: int
-  eval_every: int
-  eval_batches: int
-  checkpoint_every: int
-  keep_checkpoints: int
-
-
-@dataclasses.dataclass(frozen=True)
-class PruningSpec:
-  """The keyword arguments of sparse_jax.pruning.wrap (see wrap_kwargs)."""
-  sparsity: float
-  method: str
-  schedule: str
-  start_step: int
-  end_step: int
-  update_every: int
-  distribution: str
-  scope: str
-  n_m: tuple[int, int] | None
-  structure: str | None
-  targets: str
-
-  def wrap_kwargs(self, num_heads: int) -> dict:
-    extra = dict(structure=self.structure, num_heads=num_heads) if self.structure else {}
-    return dict(sparsity=self.sparsity, method=self.method, schedule=self.schedule,
-                start_step=self.start_step, end_step=self.end_step,
-                update_every=self.update_every, distribution=self.distribution,
-                scope=self.scope, n_m=self.n_m,
-                prunable=pruning.paths.prunable_in(self.targets), **extra)
-
-
-@dataclasses.dataclass(frozen=True)
-class Spec:
-  """A whole run: what sparse_jax.training takes."""
-  seed: int
-  profile_steps: int
-  data_source: str
-  data_dir: str | None
-  model: ModelSpec
-  mesh: dict                       # {'data', 'expert', 'model'}: sizes, no -1
-  fsdp: bool                       # parameters and optimizer state also over 'data'
-  train: TrainSpec
-  pruning: PruningSpec | None      # None: no pruner
-  upcycle_from: str | None
-  upcycle_noise: float
-  upcycle_router_init_scale: float
 
 
 def model_spec(config: ml_collections.ConfigDict) -> ModelSpec:
