@@ -14,10 +14,12 @@ import dataclasses
 import importlib.util
 import pathlib
 
+import jax
 import ml_collections
 
-from sparse_jax import pruning, routing
+from sparse_jax import expert_parallel, pruning, routing
 from sparse_jax.dispatch import BACKENDS
+from sparse_jax.grouped_matmul import GROUPED_MATMULS
 from sparse_jax.layers import ACTIVATIONS
 from sparse_jax.moe import BALANCING, EXPERT_COMPUTE, ROUTINGS
 from sparse_jax.sharding import mesh_sizes
@@ -69,6 +71,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.moe.init_scale = 0.0       # 0 -> model.init_scale (experts and shared expert)
   c.moe.router_init_scale = 0.0  # 0 -> the experts' init scale
   c.moe.expert_compute = 'auto'  # auto (loop on CPU, batched elsewhere) | loop | batched
+  c.moe.grouped_matmul = 'auto'  # dropless: auto (blocked on CPU, ragged_dot elsewhere)
+  c.moe.block_size = 64          #   | blocked | ragged_dot; rows per blocked window
+  c.moe.ep_transport = 'all_to_all'  # dropless over mesh.expert > 1: all_to_all |
+                                     #   all_gather | ragged (not on CPU) | ragged_reference
   c.moe.load_balance_coef = 0.01
   c.moe.z_loss_coef = 1e-3
   # Renormalise the K combine weights; None -> k >= 2 (True turns k=1 weights into 1).
@@ -151,7 +157,8 @@ def from_saved(saved: dict) -> ml_collections.ConfigDict:
 
 # Keys of the model sections that choose how the same function is computed, so a
 # checkpoint may resume with other values.
-_COMPUTE_KEYS = ('model.dtype', 'moe.expert_compute')
+_COMPUTE_KEYS = ('model.dtype', 'moe.expert_compute', 'moe.grouped_matmul', 'moe.block_size',
+                 'moe.ep_transport')
 
 
 def check_resume(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict,
@@ -205,6 +212,8 @@ def model_spec(config: ml_collections.ConfigDict) -> ModelSpec:
         normalize_weights=(moe.k >= 2 if moe.normalize_weights is None
                            else moe.normalize_weights),
         expert_compute=None if moe.expert_compute == 'auto' else moe.expert_compute,
+        grouped_matmul=None if moe.grouped_matmul == 'auto' else moe.grouped_matmul,
+        block_size=moe.block_size, ep_transport=moe.ep_transport,
         load_balance_coef=moe.load_balance_coef, z_loss_coef=moe.z_loss_coef)
   return ModelSpec(
       vocab_size=m.vocab_size, d_model=m.d_model, num_layers=m.num_layers,
@@ -284,6 +293,17 @@ def validate(config: ml_collections.ConfigDict, num_devices: int,
     choice('moe.routing', moe.routing, ROUTINGS)
     choice('moe.balancing', moe.balancing, BALANCING)
     choice('moe.expert_compute', moe.expert_compute, ('auto',) + EXPERT_COMPUTE)
+    choice('moe.grouped_matmul', moe.grouped_matmul, ('auto',) + GROUPED_MATMULS)
+    need(isinstance(moe.block_size, int) and moe.block_size >= 1,
+         f'moe.block_size={moe.block_size!r} must be a positive integer')
+    try:
+      expert_parallel.check_transport(moe.ep_transport, jax.default_backend())
+    except ValueError as e:
+      problems.append(f'moe.{str(e).rstrip(".")}')
+    need(moe.dispatch != 'dropless' or moe.routing == 'top_k',
+         f"moe.dispatch='dropless' serves moe.routing='top_k' only (got "
+         f"{moe.routing!r}): expert choice has a fixed capacity by construction; use "
+         "moe.dispatch='index'")
     if moe.routing == 'expert_choice':
       try:
         routing.check_expert_choice(causal=True, allow_lookahead=moe.allow_lookahead)
@@ -296,9 +316,6 @@ def validate(config: ml_collections.ConfigDict, num_devices: int,
          'or no block would be MoE')
     need(mesh.expert == -1 or mesh.expert < 1 or moe.num_experts % mesh.expert == 0,
          f'moe.num_experts={moe.num_experts} must be divisible by mesh.expert={mesh.expert}')
-    need(moe.dispatch != 'dropless' or mesh.expert == 1,
-         f"moe.dispatch='dropless' needs mesh.expert=1 (got {mesh.expert}): expert-"
-         "parallel dropless needs ragged_all_to_all; use moe.dispatch='index'")
     for key in ('d_ff', 'shared_d_ff', 'group_size'):
       need(moe[key] >= 0, f'moe.{key}={moe[key]} must be >= 0 (0 = default)')
     for key in ('init_scale', 'router_init_scale'):

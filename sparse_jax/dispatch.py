@@ -1,7 +1,7 @@
 """Dispatch and combine backends over a RoutingPlan: pure functions.
 
 Shape legend: G groups, S tokens per group, K choices per token, E experts, C capacity,
-D d_model, N = S*K routed rows (dropless).
+D d_model, N sorted rows (dropless; at most S*K).
 
 Capacity backends share one signature and one slot layout, expert-major [E, G*C, D]
 (so expert parallelism splits the buffer along E with no transpose):
@@ -15,8 +15,9 @@ Capacity backends share one signature and one slot layout, expert-major [E, G*C,
   'einsum'   GShard one-hot dispatch/combine tensors [G, S, E, C]: the readable
              reference, quadratic in S (C grows with S).
 
-'dropless' has no capacity and no slots: it sorts the S*K choices by expert and runs a
-grouped matmul (jax.lax.ragged_dot).
+'dropless' has no capacity: it sorts the S*K choices by expert (sort_map, a SlotMap whose
+slots are the sorted rows, so the index backend's gathers move them both ways) and runs
+the experts as one grouped matmul (grouped_matmul.py) over the sorted rows.
 """
 from __future__ import annotations
 
@@ -84,13 +85,13 @@ def _take_rows(table, idx, mask):
 
 
 @jax.custom_vjp
-def _gather_to_slots(x, m: SlotMap):
-  """x [S, D] -> slots [E*C, D]."""
+def gather_to_slots(x, m: SlotMap):
+  """x [S, D] -> slots [E*C, D] (or any SlotMap's slots): slot i holds x[m.src[i]]."""
   return _take_rows(x, m.src, m.filled)
 
 
 def _gather_to_slots_fwd(x, m):
-  return _gather_to_slots(x, m), m
+  return gather_to_slots(x, m), m
 
 
 def _gather_to_slots_bwd(m, d_slots):
@@ -99,18 +100,19 @@ def _gather_to_slots_bwd(m, d_slots):
   return dx, None
 
 
-_gather_to_slots.defvjp(_gather_to_slots_fwd, _gather_to_slots_bwd)
+gather_to_slots.defvjp(_gather_to_slots_fwd, _gather_to_slots_bwd)
 
 
 @jax.custom_vjp
-def _gather_from_slots(out, weight, m: SlotMap):
-  """out [E*C, D], weight f32[S, K] -> y [S, D] = sum_k weight * out[dest]."""
+def gather_from_slots(out, weight, m: SlotMap):
+  """out [E*C, D] (any SlotMap's slots), weight f32[S, K] -> y [S, D] =
+  sum_k weight * out[dest], over kept choices."""
   rows = _take_rows(out, m.dest, m.kept)                           # [S, K, D]
   return _weighted_sum(rows, weight)
 
 
 def _gather_from_slots_fwd(out, weight, m):
-  return _gather_from_slots(out, weight, m), (out, weight, m)
+  return gather_from_slots(out, weight, m), (out, weight, m)
 
 
 def _gather_from_slots_bwd(res, dy):
@@ -124,7 +126,7 @@ def _gather_from_slots_bwd(res, dy):
   return d_out, d_weight, None
 
 
-_gather_from_slots.defvjp(_gather_from_slots_fwd, _gather_from_slots_bwd)
+gather_from_slots.defvjp(_gather_from_slots_fwd, _gather_from_slots_bwd)
 
 
 def index_dispatch(x: jax.Array, plan: RoutingPlan, num_experts: int,
@@ -135,14 +137,14 @@ def index_dispatch(x: jax.Array, plan: RoutingPlan, num_experts: int,
   """
   m = slot_map(plan, num_experts, capacity)
   d = x.shape[-1]
-  return _gather_to_slots(x.reshape(-1, d), m).reshape(num_experts, -1, d), m
+  return gather_to_slots(x.reshape(-1, d), m).reshape(num_experts, -1, d), m
 
 
 def index_combine(out: jax.Array, plan: RoutingPlan, m: SlotMap) -> jax.Array:
   """out [E, C, D] -> y [S, D] (or [E, G*C, D] -> [G, S, D]): each token's kept
   choices, weighted and summed."""
   d = out.shape[-1]
-  y = _gather_from_slots(out.reshape(-1, d), plan.weight.reshape(m.dest.shape), m)
+  y = gather_from_slots(out.reshape(-1, d), plan.weight.reshape(m.dest.shape), m)
   return y.reshape(plan.weight.shape[:-1] + (d,))
 
 
@@ -190,18 +192,51 @@ BACKENDS = (*CAPACITY_BACKENDS, 'dropless')
 
 # --------------------------------------------------------------------------- dropless
 
-def dropless(x: jax.Array, plan: RoutingPlan, num_experts: int,
-             ragged_ffn: Callable[[jax.Array, jax.Array], jax.Array]) -> jax.Array:
-  """Every choice is computed: sort rows by expert, ragged matmuls, unsort, combine.
+def sort_map(key: jax.Array, num_groups: int,
+             num_slots: int | None = None) -> tuple[SlotMap, jax.Array]:
+  """The choices of S tokens sorted by group, as a SlotMap whose slots are the sorted rows.
 
-  x [S, D]; ragged_ffn(rows [N, D], group_sizes i32[E]) -> [N, D] with rows sorted by
-  expert. The plan's weights are used as they are (route with capacity >= S).
+  key i32[S, K]: the group (expert) of each choice; a key outside [0, num_groups) marks
+  a choice that is not computed. Slot i holds the i-th choice in (group, token, k)
+  order, so group g's rows are contiguous; the not-computed choices sort last.
+  num_slots N (default S*K) may be smaller when fewer choices can ever be computed; the
+  caller guarantees it. Returns the map and group_sizes i32[num_groups].
   """
-  s, k = plan.expert.shape
-  flat_expert = plan.expert.reshape(-1)                                # [N], N = S*K
-  order = jnp.argsort(flat_expert, stable=True)
-  group_sizes = jnp.bincount(flat_expert, length=num_experts).astype(jnp.int32)
-  rows = ragged_ffn(x[order // k], group_sizes)                        # [N, D] sorted
-  inverse = jnp.argsort(order)
-  rows = rows[inverse].reshape(s, k, -1)                               # [S, K, D]
-  return _weighted_sum(rows, plan.weight)
+  s, k = key.shape
+  n = s * k if num_slots is None else num_slots
+  flat = key.reshape(-1)
+  valid = (flat >= 0) & (flat < num_groups)
+  order = jnp.argsort(jnp.where(valid, flat, num_groups), stable=True)[:n].astype(jnp.int32)
+  # Sorted position of every choice: an integer scatter of a permutation (unique indices).
+  position = jnp.full((s * k,), n, jnp.int32).at[order].set(
+      jnp.arange(n, dtype=jnp.int32), unique_indices=True)
+  kept = (valid & (position < n)).reshape(s, k)
+  sizes = jnp.bincount(jnp.where(valid, flat, num_groups), length=num_groups + 1)
+  return SlotMap(dest=jnp.minimum(position, n - 1).reshape(s, k), kept=kept,
+                 src=order // k, choice=order, filled=valid[order]), \
+      sizes[:num_groups].astype(jnp.int32)
+
+
+def sorted_apply(x: jax.Array, key: jax.Array, weight: jax.Array, num_groups: int,
+                 grouped_fn: Callable[[jax.Array, jax.Array], jax.Array],
+                 num_slots: int | None = None) -> jax.Array:
+  """y[s] = sum_k weight[s, k] * fn_{key[s, k]}(x[s]) over the computed choices.
+
+  x [S, D], key i32[S, K] (see sort_map), weight [S, K];
+  grouped_fn(rows [N, D] sorted by group, group_sizes i32[G]) -> [N, D].
+  Moving rows is gathers both ways, forward and backward (the index backend's custom
+  VJPs): no scatter-add, deterministic.
+  """
+  m, sizes = sort_map(key, num_groups, num_slots)
+  rows = grouped_fn(gather_to_slots(x, m), sizes)                     # [N, D] sorted
+  return gather_from_slots(rows, weight.astype(jnp.float32), m)
+
+
+def dropless(x: jax.Array, plan: RoutingPlan, num_experts: int,
+             grouped_fn: Callable[[jax.Array, jax.Array], jax.Array]) -> jax.Array:
+  """Every kept choice computed, no capacity: x [S, D], plan [S, K] -> y [S, D].
+
+  Route with a capacity >= S so that only choices of probability 0 are not kept.
+  """
+  key = jnp.where(plan.kept, plan.expert, num_experts)
+  return sorted_apply(x, key, plan.weight, num_experts, grouped_fn)

@@ -6,8 +6,9 @@ P expert-parallel degree (mesh axis 'expert').
 
 The math lives in routing.py and dispatch.py; these modules hold parameters and wire the
 pure functions together. With a mesh, the routed part runs in jax.shard_map: each
-device routes its own tokens, and with P > 1 one all_to_all sends the [E, G*C, D] slot
-buffers to the devices owning the experts and one brings the results back.
+device routes its own tokens, and with P > 1 expert_parallel.py moves them to the
+devices owning their experts and back (capacity: one all_to_all of the [E, G*C, D] slot
+buffers each way; dropless: the transport `ep_transport` names).
 """
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ from flax import nnx
 from jax.sharding import Mesh, PartitionSpec as P
 
 from sparse_jax import dispatch as dispatch_lib
+from sparse_jax import expert_parallel
+from sparse_jax import grouped_matmul as gmm_lib
 from sparse_jax import routing as routing_lib
 from sparse_jax.layers import DenseFFN, check_activation, ffn, ffn_weight_names, weight
 from sparse_jax.sharding import axis_size, reshard, token_axes
@@ -70,21 +73,27 @@ class Experts(nnx.Module):
 
   compute: 'loop' (one plain matmul per expert) or 'batched' (one batched matmul); both
   give the same function, and default_expert_compute() picks per platform.
+  grouped_matmul, block_size: the dropless backend's grouped matmul (grouped_matmul.py;
+  default_grouped_matmul() picks per platform).
 
-  To add an expert type, subclass and override `weights` and `apply` (and `ragged_apply`
-  for the dropless backend): apply is a pure function of `weights()`, whose arrays keep
-  the leading expert axis that expert parallelism shards over 'expert'.
+  To add an expert type, subclass and override `weights` and `apply` (and
+  `grouped_apply` for the dropless backend): both are pure functions of `weights()`,
+  whose arrays keep the leading expert axis that expert parallelism shards over 'expert'.
   """
 
   def __init__(self, num_experts: int, d_model: int, d_ff: int, *,
                activation: str = 'gelu', init_scale: float = 1.0,
                param_dtype=jnp.float32, compute: str | None = None,
+               grouped_matmul: str | None = None, block_size: int = 64,
                mesh: Mesh | None = None, rngs: nnx.Rngs):
     check_activation(activation)
     compute = compute or default_expert_compute()
     if compute not in EXPERT_COMPUTE:
       raise ValueError(f'compute={compute!r} is unknown; use one of {EXPERT_COMPUTE}.')
+    grouped_matmul = grouped_matmul or gmm_lib.default_grouped_matmul()
+    gmm_lib.check_grouped_matmul(grouped_matmul, block_size)
     self.activation, self.compute = activation, compute
+    self.grouped_matmul, self.block_size = grouped_matmul, block_size
     for name in ffn_weight_names(activation):
       shape = (num_experts, d_ff, d_model) if name == 'wo' else (num_experts, d_model, d_ff)
       setattr(self, name, weight(rngs.params(), shape, init_scale=init_scale,
@@ -102,11 +111,12 @@ class Experts(nnx.Module):
                         for i in range(x.shape[0])])
     return jax.vmap(f)(w, x)
 
-  def ragged_apply(self, w: dict[str, jax.Array], x: jax.Array,
-                   group_sizes: jax.Array) -> jax.Array:
-    """x [N, D] sorted by expert, group_sizes i32[E] -> [N, D]."""
-    return ffn(w, x, self.activation,
-               matmul=lambda a, b: jax.lax.ragged_dot(a, b, group_sizes))
+  def grouped_apply(self, w: dict[str, jax.Array], x: jax.Array,
+                    group_sizes: jax.Array) -> jax.Array:
+    """x [N, D] sorted by expert, group_sizes i32[E] -> [N, D] (rows past the groups: 0)."""
+    matmul = functools.partial(gmm_lib.grouped_matmul, group_sizes=group_sizes,
+                               impl=self.grouped_matmul, block_size=self.block_size)
+    return ffn(w, x, self.activation, matmul=matmul)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +131,7 @@ class _Settings:
   group_size: int | None
   token_axes: tuple[str, ...]                 # mesh axes the tokens are split over
   ep: int                                     # size of mesh axis 'expert'
+  ep_transport: str                           # dropless with ep > 1 (expert_parallel.py)
 
 
 def _route_groups(st: _Settings, logits: jax.Array, bias: jax.Array | None):
@@ -145,7 +156,7 @@ def _group(st: _Settings, tokens: int) -> int:
 
 
 def _routed(x, logits, weights, bias, *, st: _Settings, apply: Callable,
-            ragged_apply: Callable):
+            grouped_apply: Callable):
   """The routed FFN on the tokens one device holds.
 
   x [B, L, D], logits f32[B, L, E], weights {name: [E/P, ...]}, bias f32[E].
@@ -159,35 +170,21 @@ def _routed(x, logits, weights, bias, *, st: _Settings, apply: Callable,
   plan, c = _route_groups(st, lg, bias)                                # [G, S, K]
   if st.dispatch == 'dropless':
     flat = routing_lib.RoutingPlan(*(f.reshape(g * s, -1) for f in plan))
-    y = dispatch_lib.dropless(xg.reshape(g * s, d), flat, e,
-                              functools.partial(ragged_apply, weights))
+    run = functools.partial(grouped_apply, weights)
+    if st.ep == 1:
+      y = dispatch_lib.dropless(xg.reshape(g * s, d), flat, e, run)
+    else:
+      y = expert_parallel.DROPLESS[st.ep_transport](xg.reshape(g * s, d), flat, e, st.ep, run)
   else:
     backend = dispatch_lib.CAPACITY_BACKENDS[st.dispatch]
     send, ctx = backend.dispatch(xg, plan, e, c)                       # [E, G*C, D]
-    out = _exchange(apply(weights, _exchange(send, st.ep)), st.ep, back=True)
+    exchange = expert_parallel.exchange
+    out = exchange(apply(weights, exchange(send, st.ep)), st.ep, back=True)
     y = backend.combine(out, plan, ctx)                                # [G, S, D]
   stats = routing_lib.routing_stats(lg, plan)
   if st.token_axes:
     stats = jax.lax.psum(stats, st.token_axes)
   return y.reshape(b, l, d).astype(x.dtype), stats
-
-
-def _exchange(buf, ep, *, back=False):
-  """Move slot buffers between the devices holding tokens and those holding experts.
-
-  forward: [E, N, D] slots of local tokens -> [E/P, P*N, D] rows for local experts.
-  back:    the inverse. With P > 1 each direction is exactly one all_to_all.
-  """
-  if ep == 1:
-    return buf
-  if not back:
-    e, n, d = buf.shape
-    # Chunk p of [P, E/P, N, D] goes to device p; received chunks stack by source.
-    buf = jax.lax.all_to_all(buf.reshape(ep, e // ep, n, d), 'expert', 0, 0)
-    return buf.transpose(1, 0, 2, 3).reshape(e // ep, ep * n, d)
-  el, pn, d = buf.shape
-  buf = buf.reshape(el, ep, pn // ep, d).transpose(1, 0, 2, 3)         # [P, E/P, N, D]
-  return jax.lax.all_to_all(buf, 'expert', 0, 0).reshape(ep * el, pn // ep, d)
 
 
 class MoE(nnx.Module):
@@ -207,6 +204,11 @@ class MoE(nnx.Module):
       expert) and of the router (default: init_scale).
     shared_d_ff: width of an always-on shared expert beside the routed ones.
     expert_compute: 'loop' | 'batched' | None (default_expert_compute()).
+    grouped_matmul, block_size: the dropless grouped matmul, 'blocked' | 'ragged_dot' |
+      None (grouped_matmul.default_grouped_matmul()), and the blocked one's window rows.
+    ep_transport: how dropless dispatch moves rows over an expert axis > 1:
+      'all_to_all' (default) | 'all_gather' | 'ragged' | 'ragged_reference' (see
+      expert_parallel.py). Capacity dispatch always uses one all_to_all each way.
     router, experts: modules to use instead of the defaults (see README, extending).
 
   aux (all float32, statistics over the global batch): router_z_loss,
@@ -228,12 +230,15 @@ class MoE(nnx.Module):
                router_jitter: float = 0.0, init_scale: float = 1.0,
                router_init_scale: float | None = None, shared_d_ff: int | None = None,
                param_dtype=jnp.float32, expert_compute: str | None = None,
+               grouped_matmul: str | None = None, block_size: int = 64,
+               ep_transport: str = 'all_to_all',
                router: nnx.Module | None = None, experts: nnx.Module | None = None):
     rngs = nnx.Rngs(0) if rngs is None else rngs
     ep = axis_size(mesh, 'expert')
     _validate(num_experts=num_experts, k=k, capacity_factor=capacity_factor,
               dispatch=dispatch, routing_name=routing, balancing=balancing, ep=ep,
               group_size=group_size)
+    expert_parallel.check_transport(ep_transport, _platform(mesh))
     if routing == 'expert_choice':
       routing_lib.check_expert_choice(causal, allow_lookahead)
     axes = token_axes(mesh)
@@ -243,14 +248,17 @@ class MoE(nnx.Module):
         num_experts=num_experts, k=k, capacity_factor=capacity_factor,
         dispatch=dispatch, routing=routing,
         normalize_weights=k >= 2 if normalize_weights is None else normalize_weights,
-        group_size=group_size, token_axes=axes if self.shards > 1 else (), ep=ep)
+        group_size=group_size, token_axes=axes if self.shards > 1 else (), ep=ep,
+        ep_transport=ep_transport)
     self.balancing, self.bias_rate = balancing, bias_rate
     self.router = router or Router(
         d_model, num_experts, jitter=router_jitter, mesh=mesh, rngs=rngs,
         init_scale=init_scale if router_init_scale is None else router_init_scale)
     self.experts = experts or Experts(num_experts, d_model, d_ff, activation=activation,
                                       init_scale=init_scale, param_dtype=param_dtype,
-                                      compute=expert_compute, mesh=mesh, rngs=rngs)
+                                      compute=expert_compute,
+                                      grouped_matmul=grouped_matmul, block_size=block_size,
+                                      mesh=mesh, rngs=rngs)
     self.shared = None if not shared_d_ff else DenseFFN(
         d_model, shared_d_ff, activation=activation, init_scale=init_scale,
         param_dtype=param_dtype, mesh=mesh, rngs=rngs)
@@ -297,7 +305,7 @@ class MoE(nnx.Module):
     st = self.settings
     logits = self.router(x, train=train)                                # f32[B, L, E]
     body = functools.partial(_routed, st=st, apply=self.experts.apply,
-                             ragged_apply=self.experts.ragged_apply)
+                             grouped_apply=self.experts.grouped_apply)
     args = (x, logits, self.experts.weights(), self._bias())
     if st.token_axes:
       tok = P(st.token_axes)
@@ -314,6 +322,10 @@ class MoE(nnx.Module):
     if self.shared is not None:
       y = y + self.shared(x)
     return y, aux
+
+
+def _platform(mesh: Mesh | None) -> str:
+  return mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
 
 
 def _validate(*, num_experts, k, capacity_factor, dispatch, routing_name, balancing, ep,
@@ -335,10 +347,6 @@ def _validate(*, num_experts, k, capacity_factor, dispatch, routing_name, balanc
     raise ValueError(f'num_experts={num_experts} is not divisible by the mesh\'s expert '
                      f'axis size {ep}; use a multiple of {ep} experts or a smaller '
                      "'expert' axis.")
-  if dispatch == 'dropless' and ep > 1:
-    raise ValueError(f"dispatch='dropless' with an expert axis of {ep} needs "
-                     'ragged_all_to_all, which this version does not implement (and '
-                     "XLA:CPU lacks); use dispatch='index' or an expert axis of 1.")
   if dispatch == 'dropless' and routing_name == 'expert_choice':
     raise ValueError("dispatch='dropless' only serves routing='top_k'; expert choice "
                      "has a fixed capacity by construction, use dispatch='index'.")

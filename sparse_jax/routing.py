@@ -10,6 +10,9 @@ Semantics (the README's "Routing semantics"):
     by default (GShard, Mixtral), before any dropping.
   * Slots are handed out choice-major then token-major: every token's first choice
     before any second choice. A choice whose slot is >= C is dropped (weight 0).
+  * A choice whose probability is exactly 0 (softmax underflow, logit gaps past ~100)
+    is no request at all: it takes no slot (slot -1), is never kept, has weight 0, and
+    counts neither as demand nor as dropped.
 """
 from __future__ import annotations
 
@@ -26,8 +29,9 @@ class RoutingPlan(NamedTuple):
   expert: i32 expert index of the choice.
   weight: f32 combine weight; 0 where the choice was dropped.
   slot:   i32 position in that expert's queue (priority order). Kept choices have
-          slot < C; a dropped choice keeps its queue position (>= C).
-  kept:   bool, slot < C.
+          slot < C; a dropped choice keeps its queue position (>= C); a choice of
+          probability 0 has slot -1.
+  kept:   bool, 0 <= slot < C.
   """
   expert: jax.Array
   weight: jax.Array
@@ -48,18 +52,23 @@ def capacity(num_tokens: int, num_experts: int, k: int,
   return max(1, math.ceil(capacity_factor * k * num_tokens / num_experts))
 
 
-def queue_positions(expert: jax.Array, num_experts: int) -> jax.Array:
+def queue_positions(expert: jax.Array, num_experts: int,
+                    requested: jax.Array | None = None) -> jax.Array:
   """Position of each choice in its expert's queue, in priority order.
 
   expert: i32[S, K] -> i32[S, K]. Priority is choice-major (column k=0 for all
-  tokens, then k=1, ...), token-major within a choice.
+  tokens, then k=1, ...), token-major within a choice. Choices where `requested`
+  (bool[S, K]) is False take no place in any queue and get -1.
   """
   s, k = expert.shape
   onehot = jax.nn.one_hot(expert.T.reshape(k * s), num_experts, dtype=jnp.int32)  # [K*S, E]
+  if requested is not None:
+    onehot = onehot * requested.T.reshape(k * s, 1)
   # Exclusive running count per expert = how many earlier choices want the same expert.
   before = jnp.cumsum(onehot, axis=0) - onehot
   pos = jnp.sum(before * onehot, axis=-1)                                         # [K*S]
-  return pos.reshape(k, s).T
+  pos = pos.reshape(k, s).T
+  return pos if requested is None else jnp.where(requested, pos, -1)
 
 
 def route_top_k(logits: jax.Array, k: int, capacity: int, *,
@@ -79,10 +88,11 @@ def route_top_k(logits: jax.Array, k: int, capacity: int, *,
   scores = probs if bias is None else probs + bias.astype(jnp.float32)
   _, expert = jax.lax.top_k(jax.lax.stop_gradient(scores), k)          # [S, K]
   weight = jnp.take_along_axis(probs, expert, axis=-1)                 # [S, K]
+  requested = weight > 0
   if normalize_weights:
     weight = weight / jnp.sum(weight, axis=-1, keepdims=True)
-  slot = queue_positions(expert, e)
-  kept = slot < capacity
+  slot = queue_positions(expert, e, requested)
+  kept = requested & (slot < capacity)
   return RoutingPlan(expert=expert.astype(jnp.int32),
                      weight=jnp.where(kept, weight, 0.0),
                      slot=slot.astype(jnp.int32), kept=kept)
@@ -100,10 +110,11 @@ def route_expert_choice(logits: jax.Array, capacity: int) -> RoutingPlan:
   # rank[s, e] = position of token s in expert e's order by descending probability.
   order = jnp.argsort(-jax.lax.stop_gradient(probs), axis=0, stable=True)  # [S, E]
   rank = jnp.argsort(order, axis=0).astype(jnp.int32)                  # inverse perm
-  kept = rank < capacity
+  requested = probs > 0
+  kept = requested & (rank < capacity)
   expert = jnp.broadcast_to(jnp.arange(e, dtype=jnp.int32), (s, e))
-  return RoutingPlan(expert=expert, weight=jnp.where(kept, probs, 0.0), slot=rank,
-                     kept=kept)
+  return RoutingPlan(expert=expert, weight=jnp.where(kept, probs, 0.0),
+                     slot=jnp.where(requested, rank, -1), kept=kept)
 
 
 def check_expert_choice(causal: bool, allow_lookahead: bool) -> None:
@@ -188,7 +199,7 @@ def routing_stats(logits: jax.Array, plan: RoutingPlan) -> dict[str, jax.Array]:
   probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
   first, prob_sum, n = balance_stats(probs, plan.expert)
   return dict(first_counts=first, prob_sum=prob_sum, tokens=n,
-              demand=expert_counts(plan.expert, e),
+              demand=expert_counts(plan.expert, e, plan.slot >= 0),
               kept=expert_counts(plan.expert, e, plan.kept),
               entropy_sum=router_entropy(probs) * n)
 

@@ -29,6 +29,9 @@ class MoESpec:
   router_init_scale: float
   normalize_weights: bool
   expert_compute: str | None       # None: moe.default_expert_compute() where it runs
+  grouped_matmul: str | None       # None: grouped_matmul.default_grouped_matmul()
+  block_size: int
+  ep_transport: str
   load_balance_coef: float
   z_loss_coef: float
 
@@ -40,7 +43,9 @@ class MoESpec:
                 balancing=self.balancing, bias_rate=self.bias_rate,
                 router_jitter=self.router_jitter, init_scale=self.init_scale,
                 router_init_scale=self.router_init_scale,
-                shared_d_ff=self.shared_d_ff or None, expert_compute=self.expert_compute)
+                shared_d_ff=self.shared_d_ff or None, expert_compute=self.expert_compute,
+                grouped_matmul=self.grouped_matmul, block_size=self.block_size,
+                ep_transport=self.ep_transport)
 
 
 @dataclasses.dataclass(frozen=True)

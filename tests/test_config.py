@@ -32,6 +32,10 @@ def test_switch_and_top2_are_what_they_say():
     ('moe.routing', 'expert_choice', 8, ['allow_lookahead']),
     ('data.source', 'hub:x', 8, ["data.source='hub:x'", 'tfds:NAME']),
     ('model.num_heads', 3, 8, ['model.d_model=256', 'model.num_heads=3']),
+    ('moe.ep_transport', 'nccl', 8, ["moe.ep_transport='nccl'", 'all_gather']),
+    ('moe.block_size', 0, 8, ['moe.block_size=0', 'positive']),
+    ('moe.grouped_matmul', 'mega', 8, ["moe.grouped_matmul='mega'", 'blocked']),
+    ('moe.ep_transport', 'ragged', 8, ["moe.ep_transport='ragged'", 'XLA:CPU']),
 ])
 def test_errors_name_key_value_and_fix(key, value, devices, words):
   c = load_config(CONFIGS / 'switch.py')
@@ -44,6 +48,13 @@ def test_errors_name_key_value_and_fix(key, value, devices, words):
   assert '\n' not in msg
   for w in words:
     assert w in msg, (w, msg)
+
+
+def test_dropless_expert_choice_is_refused():
+  c = load_config(CONFIGS / 'switch.py')
+  c.moe.dispatch, c.moe.routing, c.moe.allow_lookahead = 'dropless', 'expert_choice', True
+  with pytest.raises(ConfigError, match=r"moe.dispatch='dropless' serves moe.routing='top_k'"):
+    validate(c, num_devices=8)
 
 
 def test_pruning_targets_is_checked_when_pruning_is_on():

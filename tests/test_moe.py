@@ -265,7 +265,6 @@ def test_expert_choice_layer_and_causal_refusal():
     (dict(dispatch='scatter'), ["'scatter'", 'index', 'einsum', 'dropless']),
     (dict(activation='tanh'), ["'tanh'", 'gelu']),
     (dict(routing='hash'), ["'hash'", 'top_k']),
-    (dict(dispatch='dropless', mesh=(2, 4)), ['dropless', "'index'"]),
 ])
 def test_constructor_errors_name_value_and_fix(kwargs, words):
   kwargs = dict(kwargs)

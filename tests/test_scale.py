@@ -91,6 +91,22 @@ def test_trace_does_not_depend_on_mesh_fsdp_remat_or_microbatches(reference, ove
   np.testing.assert_allclose(bias(state), bias(reference[2]), atol=1e-7)
 
 
+@pytest.fixture(scope='module')
+def dropless_reference():
+  return _trace(_config(**{'moe.dispatch': 'dropless'}))
+
+
+@pytest.mark.parametrize('transport', ['all_to_all',
+                                       pytest.param('all_gather', marks=pytest.mark.slow)])
+def test_dropless_trains_on_the_expert_axis(dropless_reference, transport):
+  """moe.dispatch=dropless with mesh.expert=8 trains the trace of the data-parallel run,
+  dropping nothing."""
+  rows, _, _ = _trace(_config(**{'moe.dispatch': 'dropless', 'mesh.data': 1,
+                                 'mesh.expert': 8, 'moe.ep_transport': transport}))
+  _assert_same_trace(rows, dropless_reference[0])
+  assert all(float(r['moe/1/dropped_fraction']) == 0.0 for r in rows)
+
+
 @pytest.mark.slow
 def test_microbatches_average_the_balance_loss_of_each_microbatch():
   """With the balance loss on, micro-batching changes its statistics (each micro-batch's

@@ -1,0 +1,182 @@
+"""Moving routed rows between the devices that hold tokens and those that hold experts.
+
+Runs inside jax.shard_map over the mesh axis 'expert' of size P; each device holds S
+tokens and E/P experts (its experts are [p*E/P, (p+1)*E/P) on axis index p).
+Shape legend: S tokens on this device, K choices per token, E experts, P devices on
+'expert', C capacity, D d_model, R = S * min(K, E/P) rows (the most one device can ever
+send to another: a token's K choices are distinct experts).
+
+Capacity dispatch: `exchange` moves the [E, G*C, D] slot buffers, one all_to_all each way.
+
+Dropless dispatch, one semantics (every kept choice computed, outputs and gradients
+equal to the single-device layer) and three transports (TRANSPORTS):
+
+  'all_to_all'  each device sends every destination a buffer of R rows (the static
+                worst case, so nothing can overflow) and the rows' local expert ids;
+                the receiver runs its experts on the rows it got and sends them back.
+                Forward: 3 all_to_all (rows, ids, results).
+  'all_gather'  the ring-of-experts form: all-gather the tokens and their routing over
+                'expert', run the local experts on the choices that name them, and
+                psum_scatter the partial outputs home. Forward: all-gathers of tokens,
+                expert ids and weights, one reduce-scatter.
+  'ragged'      jax.lax.ragged_all_to_all moves only the rows that exist into the same
+                receive layout as 'all_to_all'. Needs a platform that implements it
+                (not XLA:CPU). Forward: one all_to_all of counts, 3 ragged_all_to_all.
+  'ragged_reference'  'ragged' with ragged_all_to_all_reference, the collective's
+                semantics written with all_to_all, in place of the collective: runs
+                everywhere and moves full-size buffers. It tests the ragged transport's
+                logic where the platform lacks the collective; it is not for speed.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from sparse_jax import dispatch as dispatch_lib
+from sparse_jax.routing import RoutingPlan, queue_positions
+
+TRANSPORTS = ('all_to_all', 'all_gather', 'ragged', 'ragged_reference')
+AXIS = 'expert'
+
+
+def check_transport(transport: str, platform: str) -> None:
+  """Raise ValueError for an unknown transport or 'ragged' where the platform lacks it."""
+  if transport not in TRANSPORTS:
+    raise ValueError(f'ep_transport={transport!r} is unknown; use one of {TRANSPORTS}.')
+  if transport == 'ragged' and platform == 'cpu':
+    raise ValueError("ep_transport='ragged' needs jax.lax.ragged_all_to_all, which XLA:CPU "
+                     "does not implement; use ep_transport='all_to_all' or 'all_gather'.")
+
+
+# --------------------------------------------------------------------------- capacity
+
+def exchange(buf: jax.Array, ep: int, *, back: bool = False) -> jax.Array:
+  """Capacity slot buffers between token devices and expert devices.
+
+  forward: [E, N, D] slots of local tokens -> [E/P, P*N, D] rows for local experts.
+  back:    the inverse. With P > 1 each direction is exactly one all_to_all.
+  """
+  if ep == 1:
+    return buf
+  if not back:
+    e, n, d = buf.shape
+    # Chunk p of [P, E/P, N, D] goes to device p; received chunks stack by source.
+    buf = jax.lax.all_to_all(buf.reshape(ep, e // ep, n, d), AXIS, 0, 0)
+    return buf.transpose(1, 0, 2, 3).reshape(e // ep, ep * n, d)
+  el, pn, d = buf.shape
+  buf = buf.reshape(el, ep, pn // ep, d).transpose(1, 0, 2, 3)         # [P, E/P, N, D]
+  return jax.lax.all_to_all(buf, AXIS, 0, 0).reshape(ep * el, pn // ep, d)
+
+
+# --------------------------------------------------------------------------- dropless
+
+GroupedFn = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+def worst_case_rows(tokens: int, k: int, num_experts: int, ep: int) -> int:
+  """R: the most rows one device can send to one other, S * min(K, E/P)."""
+  return tokens * min(k, num_experts // ep)
+
+
+def _local_rows(rows, ids, local_experts, grouped_fn):
+  """Run the local experts on received rows [N, D] with local ids i32[N] (local_experts
+  where a row is empty): y[i] = ffn_{ids[i]}(rows[i])."""
+  ones = (ids >= 0).astype(jnp.float32)[:, None]     # from ids: varies over the mesh as ids do
+  return dispatch_lib.sorted_apply(rows, ids[:, None], ones, local_experts, grouped_fn)
+
+
+def dropless_all_to_all(x: jax.Array, plan: RoutingPlan, num_experts: int, ep: int,
+                        grouped_fn: GroupedFn) -> jax.Array:
+  """x [S, D], plan [S, K] (global expert ids) -> y [S, D]; grouped_fn runs the E/P
+  local experts."""
+  s, k = plan.expert.shape
+  el, r = num_experts // ep, worst_case_rows(s, k, num_experts, ep)
+  # The destination device plays the expert in a capacity dispatch of capacity R.
+  dest = plan.expert // el
+  to_device = RoutingPlan(expert=dest, weight=plan.weight, kept=plan.kept,
+                          slot=queue_positions(dest, ep, plan.kept))
+  send, m = dispatch_lib.index_dispatch(x, to_device, ep, r)           # [P, R, D]
+  ids = jnp.where(m.filled, plan.expert.reshape(-1)[m.choice] % el, el)    # i32[P*R]
+  got = jax.lax.all_to_all(send, AXIS, 0, 0)                           # [P, R, D] by source
+  got_ids = jax.lax.all_to_all(ids.reshape(ep, r), AXIS, 0, 0)
+  out = _local_rows(got.reshape(ep * r, -1), got_ids.reshape(-1), el, grouped_fn)
+  back = jax.lax.all_to_all(out.reshape(ep, r, -1), AXIS, 0, 0)
+  return dispatch_lib.index_combine(back, to_device, m)
+
+
+def dropless_all_gather(x: jax.Array, plan: RoutingPlan, num_experts: int, ep: int,
+                        grouped_fn: GroupedFn) -> jax.Array:
+  """The ring-of-experts form; same contract as dropless_all_to_all."""
+  s, k = plan.expert.shape
+  el = num_experts // ep
+  gather = lambda a: jax.lax.all_gather(a, AXIS, axis=0, tiled=True)
+  key = jnp.where(plan.kept, plan.expert, num_experts)                 # E: not computed
+  all_x, all_key, all_weight = gather(x), gather(key), gather(plan.weight)   # [P*S, ...]
+  first = jax.lax.axis_index(AXIS) * el
+  mine = (all_key >= first) & (all_key < first + el)
+  local_key = jnp.where(mine, all_key - first, el)
+  partial = dispatch_lib.sorted_apply(all_x, local_key, all_weight, el, grouped_fn,
+                                      num_slots=ep * worst_case_rows(s, k, num_experts, ep))
+  return jax.lax.psum_scatter(partial, AXIS, scatter_dimension=0, tiled=True)
+
+
+def dropless_ragged(x: jax.Array, plan: RoutingPlan, num_experts: int, ep: int,
+                    grouped_fn: GroupedFn,
+                    ragged_all_to_all: Callable = jax.lax.ragged_all_to_all) -> jax.Array:
+  """Rows sorted by destination, only the existing ones sent; same contract as
+  dropless_all_to_all. ragged_all_to_all is the collective (the reference one in CPU
+  tests)."""
+  s, k = plan.expert.shape
+  el, r = num_experts // ep, worst_case_rows(s, k, num_experts, ep)
+  key = jnp.where(plan.kept, plan.expert // el, ep)                    # destination device
+  m, sizes = dispatch_lib.sort_map(key, ep)
+  send = dispatch_lib.gather_to_slots(x, m)                           # [S*K, D] by device
+  ids = jnp.where(m.filled, plan.expert.reshape(-1)[m.choice] % el, el)
+  starts = jnp.cumsum(sizes) - sizes
+  # Device p writes its rows for device j at j's region p*R, the all_to_all layout.
+  me = jax.lax.axis_index(AXIS)
+  to_region = jnp.full((ep,), me * r, jnp.int32)
+  counts = jax.lax.all_to_all(jnp.stack([sizes, starts], 1), AXIS, 0, 0)   # [P, 2] by source
+  got_sizes, their_starts = counts[:, 0], counts[:, 1]
+  move = lambda a, out: ragged_all_to_all(a, out, starts, sizes, to_region, got_sizes,
+                                          axis_name=AXIS)
+  got = move(send, jnp.zeros((ep * r,) + send.shape[1:], send.dtype))
+  got_ids = move(ids, jnp.full((ep * r,), el, ids.dtype))
+  out = _local_rows(got, got_ids, el, grouped_fn)
+  regions = jnp.arange(ep, dtype=jnp.int32) * r
+  back = ragged_all_to_all(out, jnp.zeros_like(send), regions, got_sizes, their_starts,
+                           sizes, axis_name=AXIS)                      # [S*K, D] by device
+  return dispatch_lib.gather_from_slots(back, plan.weight.astype(jnp.float32), m)
+
+
+def ragged_all_to_all_reference(operand, output, input_offsets, send_sizes,
+                                output_offsets, recv_sizes, *, axis_name):
+  """jax.lax.ragged_all_to_all's semantics (one slice per peer) from all_to_all, for
+  platforms without it: every slice travels in a buffer of operand's full length."""
+  p = input_offsets.shape[0]
+  n = operand.shape[0]
+  rows = jnp.arange(n)
+  pad = lambda a: jnp.concatenate([a, jnp.zeros_like(a)])             # windows stay inside
+  src = pad(operand)
+  chunks = jnp.stack([jnp.where(
+      (rows < send_sizes[j]).reshape((n,) + (1,) * (operand.ndim - 1)),
+      jax.lax.dynamic_slice_in_dim(src, input_offsets[j], n, 0), 0) for j in range(p)])
+  got = jax.lax.all_to_all(chunks, axis_name, 0, 0)                    # [P, n, ...] by source
+  where = jax.lax.all_to_all(output_offsets, axis_name, 0, 0)
+  m = output.shape[0]
+  result = jnp.concatenate([output, jnp.zeros((n,) + output.shape[1:], output.dtype)])
+  for i in range(p):
+    old = jax.lax.dynamic_slice_in_dim(result, where[i], n, 0)
+    new = jnp.where((rows < recv_sizes[i]).reshape((n,) + (1,) * (output.ndim - 1)),
+                    got[i], old)
+    result = jax.lax.dynamic_update_slice_in_dim(result, new, where[i], 0)
+  return result[:m]
+
+
+DROPLESS = {'all_to_all': dropless_all_to_all, 'all_gather': dropless_all_gather,
+            'ragged': dropless_ragged,
+            'ragged_reference': functools.partial(
+                dropless_ragged, ragged_all_to_all=ragged_all_to_all_reference)}

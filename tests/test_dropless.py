@@ -1,0 +1,270 @@
+"""Dropless MoE: the grouped matmul, the sort, zero-probability choices, and expert
+parallelism over every transport against the single-device layer (outputs and gradients)."""
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+import sparse_jax as sj
+from sparse_jax import dispatch as DP
+from sparse_jax import expert_parallel as EP
+from sparse_jax import routing as R
+from sparse_jax.grouped_matmul import GROUPED_MATMULS, grouped_matmul
+
+B, L, D, F, E = 8, 8, 16, 32, 8
+MESHES = [(1, 8), (2, 4), (4, 2), (8, 1)]
+CPU = jax.default_backend() == 'cpu'
+
+
+def _mesh(shape):
+  return jax.make_mesh(shape, ('data', 'expert'), axis_types=(AxisType.Auto,) * 2)
+
+
+# ------------------------------------------------------------------- grouped matmul
+
+def _reference_gmm(x, w, sizes):
+  """numpy: row i of group g is x[i] @ w[g]; rows past the groups are 0."""
+  x, w = np.asarray(x, np.float64), np.asarray(w, np.float64)
+  out, row = np.zeros((x.shape[0], w.shape[2])), 0
+  for g, n in enumerate(sizes):
+    out[row:row + n] = x[row:row + n] @ w[g]
+    row += n
+  return out
+
+
+# Empty groups, a group smaller than a window, rows past the groups, N < block.
+SIZES = [(5, 0, 17, 3), (0, 0, 25, 0), (1, 2, 3, 4), (9, 0, 0, 1)]
+
+
+@pytest.mark.parametrize('impl', GROUPED_MATMULS)
+@pytest.mark.parametrize('sizes', SIZES)
+@pytest.mark.parametrize('block', [1, 4, 64])
+def test_grouped_matmul_matches_numpy_with_gradients(impl, sizes, block):
+  """Both implementations on CPU (the accelerator one too, so its choice is tested here):
+  outputs, and gradients of x and w equal the per-row numpy reference."""
+  n, d, f = 25, 6, 5
+  r = np.random.default_rng(sum(sizes) + block)
+  x, w = r.normal(size=(n, d)).astype(np.float32), r.normal(size=(4, d, f)).astype(np.float32)
+  ct = r.normal(size=(n, f)).astype(np.float32)
+  gs = jnp.asarray(sizes, jnp.int32)
+  run = jax.jit(lambda x, w: grouped_matmul(x, w, gs, impl=impl, block_size=block))
+  np.testing.assert_allclose(run(x, w), _reference_gmm(x, w, sizes), rtol=1e-5, atol=1e-5)
+  gx, gw = jax.grad(lambda x, w: jnp.sum(run(x, w) * ct), argnums=(0, 1))(x, w)
+  used = sum(sizes)
+  # d/dx of row i = ct[i] @ w[g]^T; d/dw[g] = x[rows of g]^T ct[rows of g].
+  want_gx = _reference_gmm(ct, np.swapaxes(w, 1, 2), sizes)
+  want_gw = np.zeros_like(w, np.float64)
+  row = 0
+  for g, m in enumerate(sizes):
+    want_gw[g] = x[row:row + m].T.astype(np.float64) @ ct[row:row + m]
+    row += m
+  np.testing.assert_allclose(gx, want_gx, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(gw, want_gw, rtol=1e-5, atol=1e-5)
+  assert (np.asarray(gx)[used:] == 0).all()
+
+
+def test_grouped_matmul_errors_name_the_value():
+  with pytest.raises(ValueError, match=r"block_size=0 must be a positive integer"):
+    sj.moe.MoE(D, F, E, dispatch='dropless', block_size=0)
+  with pytest.raises(ValueError, match=r"grouped_matmul='megablocks'.*'blocked'"):
+    sj.moe.MoE(D, F, E, dispatch='dropless', grouped_matmul='megablocks')
+
+
+# --------------------------------------------------------------------- sort and plan
+
+def test_sort_map_hand_case():
+  """Keys outside [0, G) are not computed and sort last; groups are contiguous in
+  (group, token, k) order; group sizes count the valid keys."""
+  key = jnp.asarray([[2, 0], [0, 3], [1, 2]], jnp.int32)   # G=3: key 3 is not computed
+  m, sizes = DP.sort_map(key, 3)
+  np.testing.assert_array_equal(sizes, [2, 1, 2])
+  # Flat choices t*K + k: group 0 = {1, 2}, group 1 = {4}, group 2 = {0, 5}, then 3.
+  np.testing.assert_array_equal(m.choice, [1, 2, 4, 0, 5, 3])
+  np.testing.assert_array_equal(m.src, [0, 1, 2, 0, 2, 1])
+  np.testing.assert_array_equal(m.filled, [1, 1, 1, 1, 1, 0])
+  np.testing.assert_array_equal(m.kept, [[1, 1], [1, 0], [1, 1]])
+  np.testing.assert_array_equal(np.asarray(m.dest)[np.asarray(m.kept)], [3, 0, 1, 2, 4])
+
+
+def test_zero_probability_choices_are_no_requests():
+  """Token 0's second choice has probability exactly 0 (logit gap 1e4). It takes no
+  slot, so token 1's real second choice for the same expert gets slot 0 and is kept at
+  capacity 1; it is neither demand nor dropped; every backend gives it weight 0."""
+  logits = jnp.asarray([[0.0, -1e4, -1e4], [0.5, 0.0, -1e4]], jnp.float32)
+  plan = R.route_top_k(logits, 2, capacity=1)
+  np.testing.assert_array_equal(plan.expert, [[0, 1], [0, 1]])
+  assert int(plan.slot[0, 1]) == -1 and not bool(plan.kept[0, 1])
+  assert float(plan.weight[0, 1]) == 0.0
+  assert int(plan.slot[1, 1]) == 0 and bool(plan.kept[1, 1])
+  stats = R.routing_stats(logits, plan)
+  np.testing.assert_array_equal(stats['demand'], [2, 1, 0])      # 3 requests, not 4
+  np.testing.assert_array_equal(stats['kept'], [1, 1, 0])        # token 1's e0 dropped
+  r = np.random.default_rng(0)
+  x = jnp.asarray(r.normal(size=(2, 4)), jnp.float32)
+  w = jnp.asarray(r.normal(size=(3, 4, 4)), jnp.float32)
+  p = np.exp(np.asarray(logits[1]) - np.asarray(logits[1]).max())
+  p /= p.sum()
+  want_capacity = np.stack([np.asarray(x[0] @ w[0]),
+                            p[1] / (p[0] + p[1]) * np.asarray(x[1] @ w[1])])
+  for backend, table in DP.CAPACITY_BACKENDS.items():
+    buf, ctx = table.dispatch(x, plan, 3, 1)
+    y = table.combine(jnp.einsum('ecd,edf->ecf', buf, w), plan, ctx)
+    np.testing.assert_allclose(y, want_capacity, rtol=1e-5, atol=1e-6, err_msg=backend)
+  dropless_plan = R.route_top_k(logits, 2, capacity=2)
+  assert R.routing_metrics(R.routing_stats(logits, dropless_plan))['dropped_fraction'] == 0
+  y = DP.dropless(x, dropless_plan, 3, lambda rows, gs: grouped_matmul(rows, w, gs))
+  want = want_capacity.copy()
+  want[1] += p[0] / (p[0] + p[1]) * np.asarray(x[1] @ w[0])
+  np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-6)
+
+
+def test_expert_choice_never_keeps_a_zero_probability_token():
+  logits = jnp.asarray([[0.0, -1e4], [0.0, 1.0], [0.0, 2.0]], jnp.float32)
+  plan = R.route_expert_choice(logits, capacity=3)
+  assert not bool(plan.kept[0, 1]) and int(plan.slot[0, 1]) == -1
+  assert bool(plan.kept[1:, 1].all())
+
+
+# ------------------------------------------------------------- the layer, one device
+
+def _inputs(seed=0):
+  kx, kc = jax.random.split(jax.random.key(seed))
+  return jax.random.normal(kx, (B, L, D)), jax.random.normal(kc, (B, L, D))
+
+
+def _run(layer, x, ct):
+  graphdef, state = nnx.split(layer)
+
+  def loss(state, x):
+    y, aux = nnx.merge(graphdef, state)(x, train=True)
+    return (jnp.sum(y * ct) + 0.5 * aux['load_balance_loss']
+            + 0.1 * aux['router_z_loss']), (y, aux)
+
+  (_, (y, aux)), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(
+      state, x)
+  return jax.device_get((y, aux, grads))
+
+
+def _assert_same(got, want, rtol=1e-5, atol=1e-5):
+  (y1, aux1, g1), (y0, aux0, g0) = got, want
+  np.testing.assert_allclose(y1, y0, rtol=rtol, atol=atol)
+  np.testing.assert_allclose(aux1['load_balance_loss'], aux0['load_balance_loss'], rtol=1e-5)
+  leaves0, leaves1 = jax.tree.leaves(g0), jax.tree.leaves(g1)
+  assert len(leaves0) == len(leaves1) >= 4
+  for a, b in zip(leaves1, leaves0):
+    np.testing.assert_allclose(a, b, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize('k', [1, 2])
+def test_dropless_equals_capacity_layer_that_drops_nothing(k):
+  """The dropless layer equals the index layer with capacity S (cf = E/k): outputs and
+  gradients; both report 0 dropped."""
+  x, ct = _inputs(1)
+  kw = dict(k=k, activation='swiglu', shared_d_ff=8)
+  dropless = _run(sj.moe.MoE(D, F, E, dispatch='dropless', rngs=nnx.Rngs(2), **kw), x, ct)
+  capacity = _run(sj.moe.MoE(D, F, E, dispatch='index', capacity_factor=E / k,
+                             rngs=nnx.Rngs(2), **kw), x, ct)
+  _assert_same(dropless, capacity)
+  assert float(dropless[1]['dropped_fraction']) == 0.0
+  assert float(capacity[1]['dropped_fraction']) == 0.0
+
+
+def test_grouped_matmul_choices_are_one_layer():
+  """'blocked' (XLA:CPU's default) and 'ragged_dot' (accelerators') give the same layer."""
+  x, ct = _inputs(2)
+  runs = [_run(sj.moe.MoE(D, F, E, k=2, dispatch='dropless', grouped_matmul=g,
+                          block_size=4, rngs=nnx.Rngs(0)), x, ct) for g in GROUPED_MATMULS]
+  _assert_same(runs[0], runs[1])
+  assert sj.moe.MoE(D, F, E).experts.grouped_matmul == 'blocked'
+
+
+# ------------------------------------------------------- expert parallelism (dropless)
+
+def _sharded_vs_single(shape, transport, k, variant):
+  kw = dict(k=k, dispatch='dropless', rngs=nnx.Rngs(3), ep_transport=transport,
+            **{'plain': {}, 'swiglu': dict(activation='swiglu'),
+               'shared': dict(shared_d_ff=12)}[variant])
+  mesh = _mesh(shape)
+  ref = sj.moe.MoE(D, F, E, group_size=B * L // mesh.size, **kw)
+  ep = sj.moe.MoE(D, F, E, mesh=mesh, **kw)
+  nnx.update(ep, jax.device_get(nnx.state(ref)))
+  x, ct = _inputs(k)
+  got, want = _run(ep, x, ct), _run(ref, x, ct)
+  _assert_same(got, want)
+  assert float(got[1]['dropped_fraction']) == 0.0
+
+
+TRANSPORTS = ['all_to_all', 'all_gather', 'ragged_reference']
+CORE = [('all_to_all', (1, 8), 1, 'plain'), ('all_to_all', (2, 4), 2, 'shared'),
+        ('all_gather', (1, 8), 2, 'swiglu'), ('all_gather', (4, 2), 1, 'shared'),
+        ('ragged_reference', (2, 4), 2, 'swiglu'), ('ragged_reference', (1, 8), 1, 'plain'),
+        ('all_to_all', (8, 1), 2, 'plain')]
+FULL = [pytest.param(t, s, k, v, marks=pytest.mark.slow)
+        for t in TRANSPORTS for s in MESHES for k in (1, 2)
+        for v in ('plain', 'swiglu', 'shared') if (t, s, k, v) not in CORE]
+
+
+@pytest.mark.parametrize('transport,shape,k,variant', CORE + FULL)
+def test_dropless_expert_parallel_matches_single_device(transport, shape, k, variant):
+  _sharded_vs_single(shape, transport, k, variant)
+
+
+@pytest.mark.skipif(CPU, reason='XLA:CPU has no ragged_all_to_all; ragged_reference '
+                                'covers the transport logic above')
+@pytest.mark.parametrize('shape', [(1, 8), (2, 4)])
+def test_native_ragged_transport_matches_single_device(shape):
+  _sharded_vs_single(shape, 'ragged', 2, 'swiglu')
+
+
+def test_ragged_reference_follows_the_documented_example():
+  """jax.lax.ragged_all_to_all's docstring example, through the reference collective."""
+  mesh = jax.make_mesh((2,), ('expert',), axis_types=(AxisType.Auto,))
+  per_device = dict(operand=[[1, 2, 2], [3, 4, 0]], output=[[0] * 4] * 2,
+                    input_offsets=[[0, 1], [0, 1]], send_sizes=[[1, 2], [1, 1]],
+                    output_offsets=[[0, 0], [1, 2]], recv_sizes=[[1, 1], [2, 1]])
+  args = [jnp.asarray(v, jnp.int32).reshape(-1) for v in per_device.values()]
+  f = jax.shard_map(lambda *a: EP.ragged_all_to_all_reference(*a, axis_name='expert'),
+                    mesh=mesh, in_specs=(P('expert'),) * 6, out_specs=P('expert'))
+  np.testing.assert_array_equal(f(*args), [1, 3, 0, 0, 2, 2, 4, 0])
+
+
+def _forward_hlo(shape, transport):
+  mesh = _mesh(shape)
+  layer = sj.moe.MoE(D, F, E, k=2, mesh=mesh, dispatch='dropless', ep_transport=transport)
+  x = jax.device_put(_inputs()[0], NamedSharding(mesh, P(('data', 'expert'))))
+  graphdef, state = nnx.split(layer)
+  fwd = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)[0])
+  return fwd.lower(state, x).compile().as_text()
+
+
+def _count(op, text):
+  return len(re.findall(rf' {op}(?:-start)?\(', text))
+
+
+@pytest.mark.parametrize('shape', [(1, 8), (2, 4)])
+def test_dropless_transports_hold_the_documented_collectives(shape):
+  """all_to_all: rows, their expert ids and the results, 3 all-to-alls; all_gather:
+  the tokens, expert ids and weights gathered, one reduce-scatter home. Neither gathers
+  expert weights."""
+  text = _forward_hlo(shape, 'all_to_all')
+  assert _count('all-to-all', text) == 3
+  assert _count('all-gather', text) == 0 and _count('reduce-scatter', text) == 0
+  text = _forward_hlo(shape, 'all_gather')
+  assert _count('all-to-all', text) == 0
+  assert _count('all-gather', text) == 3 and _count('reduce-scatter', text) == 1
+
+
+@pytest.mark.parametrize('kwargs,words', [
+    (dict(ep_transport='nccl'), ["ep_transport='nccl'", 'all_to_all', 'all_gather']),
+    (dict(dispatch='dropless', routing='expert_choice'), ['dropless', "'index'"]),
+] + ([(dict(ep_transport='ragged'), ["'ragged'", 'XLA:CPU', "'all_to_all'", "'all_gather'"])]
+     if CPU else []))
+def test_dropless_errors_name_value_and_fix(kwargs, words):
+  with pytest.raises(ValueError) as err:
+    sj.moe.MoE(D, F, E, mesh=_mesh((2, 4)), **kwargs)
+  for w in words:
+    assert w in str(err.value), (w, str(err.value))
