@@ -10,6 +10,9 @@ relative to dense-small (d_ff = 4 d_model):
   dense-small   the baseline (every model uses Switch's 0.1x init scale)
   switch        top-1 over 8 experts, cf 1.25, MoE in every other block (same FLOPs/token)
   top2-half     top-2 over 8 experts of half width (same FLOPs/token)
+  switch-dropless, top2-half-dropless
+                the same two with dropless dispatch (no capacity, nothing dropped; expert
+                axis 8 over the all_to_all transport)
   top2-full     top-2 over 8 full-width experts (same total params as switch, more FLOPs)
   large-sparse  8x FFN width, GMP-pruned to 87.5% in the FFN (same non-zero FFN params)
   structured    4x FFN width, 75% of FFN neurons GMP-pruned, then compacted to dense-small's
@@ -49,6 +52,9 @@ def model_configs(c) -> dict:
   out = {'dense-small': (c, 'baseline'),
          'switch': (common.moe(c, 8, k=1), 'FLOPs'),
          'top2-half': (common.moe(c, 8, k=2, d_ff=d_ff // 2), 'FLOPs'),
+         'switch-dropless': (common.moe(c, 8, k=1, dispatch='dropless'), 'FLOPs'),
+         'top2-half-dropless': (common.moe(c, 8, k=2, d_ff=d_ff // 2, dispatch='dropless'),
+                                'FLOPs'),
          'top2-full': (common.moe(c, 8, k=2), 'total params')}
   for name, width, sparsity, structure in (('large-sparse', 8, 0.875, ''),
                                            ('structured', 4, 0.75, 'ffn_neurons')):
@@ -200,7 +206,8 @@ def _views(rows) -> str:
   loss = lambda n: fmt(by[n]['val_loss'], by[n]['val_loss_std'])
   out = '\n## The three views\n\n'
   out += '- **Matched FLOPs per token** (vs dense-small ' + loss('dense-small') + '): ' + ', '.join(
-      f'{n} {loss(n)}' for n in ('switch', 'top2-half', 'large-sparse', 'structured')) + '.\n'
+      f'{n} {loss(n)}' for n in ('switch', 'top2-half', 'switch-dropless',
+                                 'top2-half-dropless', 'large-sparse', 'structured')) + '.\n'
   clock = sorted(rows, key=lambda r: (r['loss_at_base_clock'] != r['loss_at_base_clock'],
                                       r['loss_at_base_clock']))
   out += ("- **Matched step time** (val loss after dense-small's wall-clock): " + ', '.join(

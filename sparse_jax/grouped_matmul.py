@@ -8,11 +8,12 @@ Shape legend: N rows, E experts (groups), D and F the contracted and produced wi
 
 Two implementations of the same function:
 
-  'blocked'     one loop over each expert's rows in windows of `block_size` rows: a
-                plain [block, D] x [D, F] matmul per window. The work is the rows plus at
-                most block-1 per expert. Forward and backward are loops of plain matmuls
-                (custom VJP: no scatter, deterministic). XLA:CPU runs these at about
-                the speed of one large matmul (experiments/bench_moe_layer.py).
+  'blocked'     a loop over each expert's rows in windows of 8, 4, 2 and 1 times
+                `block_size` rows: a plain [window, D] x [D, F] matmul each. The work is
+                the rows plus at most block_size - 1 per expert. Forward and backward are
+                loops of plain matmuls (custom VJP: no scatter, deterministic), which
+                XLA:CPU runs at close to the speed of one large matmul
+                (experiments/bench_moe_layer.py).
   'ragged_dot'  jax.lax.ragged_dot, the accelerators' grouped-matmul primitive. XLA:CPU
                 has no fast kernel for it (about 8x a dense matmul of the same FLOPs).
 """
@@ -37,7 +38,7 @@ def check_grouped_matmul(impl: str, block_size: int) -> None:
     raise ValueError(f'grouped_matmul={impl!r} is unknown; use one of {GROUPED_MATMULS}.')
   if not (isinstance(block_size, int) and block_size >= 1):
     raise ValueError(f'block_size={block_size!r} must be a positive integer (rows per '
-                     'window of the blocked grouped matmul; 128 is a good default).')
+                     'window of the blocked grouped matmul; default 64).')
 
 
 def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *,

@@ -105,8 +105,9 @@ def test_compare_smoke(dirs):
     assert (out / f'compare_smoke.{ext}').stat().st_size > 0
   result = json.loads((out / 'compare_smoke.json').read_text())
   meta, rows = result['meta'], {r['model']: r for r in result['rows']}
-  assert set(rows) == {'dense-small', 'switch', 'top2-half', 'top2-full', 'large-sparse',
-                       'structured', 'dense-large'}
+  assert set(rows) == {'dense-small', 'switch', 'top2-half', 'switch-dropless',
+                       'top2-half-dropless', 'top2-full', 'large-sparse', 'structured',
+                       'dense-large'}
   _check_meta(meta)
   assert meta['seeds'] == [0]
   for code in (dirs[1] / 'compare_smoke').glob('*/code.json'):   # every run: today's code
@@ -128,6 +129,10 @@ def test_compare_smoke(dirs):
   for r in rows.values():
     assert r['val_loss'] > 0 and r['bpb'] == pytest.approx(r['val_loss'] / 0.6931, rel=1e-3)
   assert 0 <= rows['switch']['dropped_fraction'] <= 1
+  for name in ('switch', 'top2-half'):
+    dropless = rows[f'{name}-dropless']
+    assert dropless['dropped_fraction'] == 0
+    assert dropless['active_params'] == rows[name]['active_params']
   md = (out / 'compare_smoke.md').read_text()
   assert '| dense-small | baseline |' in md and meta['library_sha256'][:12] in md
 
