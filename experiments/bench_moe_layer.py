@@ -1,11 +1,16 @@
 """MoE layer cost, measured side by side in one run.
 
   1. forward+backward time of the MoE layer (top-1, E=8) / a dense FFN with the same
-     D and F (so the same active FLOPs per token), per backend and capacity factor;
-  2. compiled memory of 'index' vs 'einsum' as the tokens of one group grow, with the
-     growth exponent (1 = linear in tokens, 2 = quadratic);
+     D and F (so the same active FLOPs per token), per backend and capacity factor, the
+     dropless backend with each grouped matmul; and top-2 dropless / a dense FFN of
+     twice the width (the same active FLOPs);
+  2. compiled memory of 'index', 'einsum' and 'dropless' as the tokens of one group grow,
+     with the growth exponent (1 = linear in tokens, 2 = quadratic);
   3. on the 8-device mesh, the expert-parallel layer (expert axis 8) vs the same layer
-     with expert axis 1 (data parallel only), with the bytes each all-to-all sends.
+     with expert axis 1 (data parallel only), with the bytes each all-to-all sends;
+  4. on the 8-device mesh (expert axis 8), each dropless transport vs the capacity
+     all-to-all (cf 1.25): time, bytes handed to collectives per device per layer
+     forward, and XLA's compiled temporary memory.
 
   python experiments/bench_moe_layer.py            # T=8192, D=512, F=2048
   python experiments/bench_moe_layer.py --quick    # smaller, ~1 minute
@@ -24,6 +29,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import sparse_jax as sj
+from sparse_jax.grouped_matmul import GROUPED_MATMULS
 
 import common
 
@@ -62,26 +68,27 @@ def time_side_by_side(fns: dict, repeats: int) -> dict[str, float]:
 
 
 def bench_backends(t, d, f, e, repeats):
+  """Rows (backend, grouped matmul, k, cf, ratio to the dense FFN of the same active
+  FLOPs: width F for top-1, 2F for top-2)."""
   x = jax.random.normal(jax.random.key(0), (1, t, d))
-  dense = sj.layers.DenseFFN(d, f, rngs=nnx.Rngs(0))
   fns = {}
-  g, p = fwd_bwd(dense, x)
-  fns['dense'] = lambda g=g, p=p: g(p, x)
-  for cf in (1.0, 1.25):
-    for backend in sj.dispatch.BACKENDS:
-      if backend == 'dropless' and cf != 1.0:
-        continue                                   # no capacity: one row is enough
-      layer = sj.moe.MoE(d, f, e, k=1, capacity_factor=cf, dispatch=backend)
-      g, p = fwd_bwd(layer, x)
-      fns[(backend, cf)] = lambda g=g, p=p: g(p, x)
+  for width in (f, 2 * f):
+    g, p = fwd_bwd(sj.layers.DenseFFN(d, width, rngs=nnx.Rngs(0)), x)
+    fns[('dense', width)] = lambda g=g, p=p: g(p, x)
+  cases = [dict(dispatch=b, capacity_factor=cf) for cf in (1.0, 1.25)
+           for b in sj.dispatch.CAPACITY_BACKENDS]
+  cases += [dict(dispatch='dropless', grouped_matmul=gm, k=k)
+            for k in (1, 2) for gm in GROUPED_MATMULS]
+  for case in cases:
+    g, p = fwd_bwd(sj.moe.MoE(d, f, e, **{'k': 1, **case}), x)
+    fns[tuple(case.items())] = lambda g=g, p=p: g(p, x)
   secs = time_side_by_side(fns, repeats)
   rows = []
-  for key, s in secs.items():
-    if key == 'dense':
-      continue
-    backend, cf = key
-    rows.append(dict(backend=backend, capacity_factor=cf if backend != 'dropless' else None,
-                     ratio_vs_dense=s / secs['dense']))
+  for case in cases:
+    k = case.get('k', 1)
+    rows.append(dict(backend=case['dispatch'], grouped_matmul=case.get('grouped_matmul'),
+                     k=k, capacity_factor=case.get('capacity_factor'),
+                     ratio_vs_dense=secs[tuple(case.items())] / secs[('dense', k * f)]))
   return rows
 
 
@@ -92,9 +99,12 @@ def compiled_bytes(module, x):
                                 m.output_size_in_bytes - m.alias_size_in_bytes)
 
 
+MEMORY_BACKENDS = ('index', 'einsum', 'dropless')
+
+
 def bench_memory(token_counts, d, f, e):
   rows = []
-  for backend in ('index', 'einsum'):
+  for backend in MEMORY_BACKENDS:
     layer = sj.moe.MoE(d, f, e, k=1, capacity_factor=1.25, dispatch=backend)
     for t in token_counts:
       temp, peak = compiled_bytes(layer, jnp.zeros((1, t, d)))
@@ -103,7 +113,7 @@ def bench_memory(token_counts, d, f, e):
   # Exponent p of memory ~ T^p, fitted to the growth between successive sizes, so the
   # token-independent part (weights and their gradients) does not flatten the slope.
   exps = {}
-  for backend in ('index', 'einsum'):
+  for backend in MEMORY_BACKENDS:
     r = [row for row in rows if row['backend'] == backend]
     growth = np.diff([x['temp_mib'] for x in r])
     exps[backend] = float(np.polyfit(np.log([x['tokens'] for x in r[1:]]),
@@ -129,6 +139,40 @@ def bench_expert_parallel(t, d, f, e, repeats):
                bytes_per_all_to_all_per_device=sent[k]) for k, v in secs.items()]
 
 
+def collective_bytes(transport, tokens, k, e, p, d, capacity, itemsize=4):
+  """Bytes one device hands to collectives in one layer's forward (the whole buffers,
+  its own share included, as for the capacity path's 2 * E*C*D)."""
+  r = tokens * min(k, e // p)                       # expert_parallel.worst_case_rows
+  return {'capacity': 2 * e * capacity * d * itemsize,
+          'all_to_all': 2 * p * r * d * itemsize + p * r * 4,          # rows there and back, ids
+          'all_gather': 2 * p * tokens * d * itemsize + p * tokens * k * 8,   # + ids, weights
+          }[transport]
+
+
+def bench_transports(t, d, f, e, repeats):
+  """Dropless transports vs the capacity all-to-all, expert axis 8, top-1 and top-2."""
+  n = jax.device_count()
+  mesh = sj.sharding.make_mesh(data=1, expert=n)
+  x = jax.device_put(jax.random.normal(jax.random.key(0), (n, t // n, d)),
+                     NamedSharding(mesh, P(('data', 'expert'))))
+  fns, info = {}, {}
+  for k in (1, 2):
+    cases = {'capacity': dict(capacity_factor=1.25)}
+    cases |= {tr: dict(dispatch='dropless', ep_transport=tr)
+              for tr in ('all_to_all', 'all_gather')}
+    for name, kw in cases.items():
+      g, p = fwd_bwd(sj.moe.MoE(d, f, e, k=k, mesh=mesh, **kw), x)
+      fns[(name, k)] = lambda g=g, p=p: g(p, x)
+      temp = g.lower(p, x).compile().memory_analysis().temp_size_in_bytes
+      c = sj.routing.capacity(t // n, e, k, 1.25)
+      info[(name, k)] = dict(temp_mib=temp / 2**20, bytes=collective_bytes(
+          name, t // n, k, e, n, d, c))
+  secs = time_side_by_side(fns, repeats)
+  return [dict(transport=name, k=k, ratio_vs_capacity=s / secs[('capacity', k)],
+               collective_bytes_per_device=info[(name, k)]['bytes'],
+               temp_mib=info[(name, k)]['temp_mib']) for (name, k), s in secs.items()]
+
+
 def main(argv=None):
   common.setup_devices(8)
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -144,9 +188,11 @@ def main(argv=None):
         f'T={t} D={d} F={f} E={e} top-1; median of {repeats} interleaved runs.')
   res = dict(config=dict(tokens=t, d_model=d, d_ff=f, experts=e, repeats=repeats))
   res['backends'] = bench_backends(t, d, f, e, repeats)
-  print('\n| backend | cf | fwd+bwd time / dense FFN |\n|---|---|---|')
+  print('\n| backend | grouped matmul | k | cf | fwd+bwd time / dense FFN of the same active '
+        'FLOPs |\n|---|---|---|---|---|')
   for r in res['backends']:
-    print(f"| {r['backend']} | {r['capacity_factor'] or '-'} | {r['ratio_vs_dense']:.3f} |")
+    print(f"| {r['backend']} | {r['grouped_matmul'] or '-'} | {r['k']} | "
+          f"{r['capacity_factor'] or '-'} | {r['ratio_vs_dense']:.3f} |")
   res['memory'], res['memory_exponent'] = bench_memory(mem_tokens, d, f, e)
   print('\n| backend | tokens/group | temp MiB | peak MiB |\n|---|---|---|---|')
   for r in res['memory']:
@@ -159,6 +205,12 @@ def main(argv=None):
   for r in res['expert_parallel']:
     print(f"| {r['layout']} | {r['ratio_vs_expert_axis_1']:.3f} | "
           f"{r['bytes_per_all_to_all_per_device']:,} |")
+  res['transports'] = bench_transports(t, d, f, e, repeats)
+  print('\n| dispatch over expert axis 8 | k | fwd+bwd time / capacity all-to-all | bytes to '
+        'collectives per device per layer (fwd) | compiled temp MiB |\n|---|---|---|---|---|')
+  for r in res['transports']:
+    print(f"| {r['transport']} | {r['k']} | {r['ratio_vs_capacity']:.3f} | "
+          f"{r['collective_bytes_per_device']:,} | {r['temp_mib']:.1f} |")
   if a.json:
     common.write_json(a.json, meta, **res)
 
