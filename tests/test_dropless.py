@@ -42,7 +42,7 @@ SIZES = [(5, 0, 17, 3), (0, 0, 25, 0), (1, 2, 3, 4), (9, 0, 0, 1)]
 
 @pytest.mark.parametrize('impl', GROUPED_MATMULS)
 @pytest.mark.parametrize('sizes', SIZES)
-@pytest.mark.parametrize('block', [1, 4, 64])
+@pytest.mark.parametrize('block', [1, 64])
 def test_grouped_matmul_matches_numpy_with_gradients(impl, sizes, block):
   """Both implementations on CPU (the accelerator one too, so its choice is tested here):
   outputs, and gradients of x and w equal the per-row numpy reference."""
@@ -199,10 +199,11 @@ def _sharded_vs_single(shape, transport, k, variant):
 
 
 TRANSPORTS = ['all_to_all', 'all_gather', 'ragged_reference']
+# The default tier: every transport, each mesh with an expert axis > 1, k = 1 and 2, each
+# variant; the full matrix (72 cases, 8x1 included) runs with -m slow.
 CORE = [('all_to_all', (1, 8), 1, 'plain'), ('all_to_all', (2, 4), 2, 'shared'),
         ('all_gather', (1, 8), 2, 'swiglu'), ('all_gather', (4, 2), 1, 'shared'),
-        ('ragged_reference', (2, 4), 2, 'swiglu'), ('ragged_reference', (1, 8), 1, 'plain'),
-        ('all_to_all', (8, 1), 2, 'plain')]
+        ('ragged_reference', (2, 4), 2, 'swiglu')]
 FULL = [pytest.param(t, s, k, v, marks=pytest.mark.slow)
         for t in TRANSPORTS for s in MESHES for k in (1, 2)
         for v in ('plain', 'swiglu', 'shared') if (t, s, k, v) not in CORE]
