@@ -42,7 +42,8 @@ SIZES = [(5, 0, 17, 3), (0, 0, 25, 0), (1, 2, 3, 4), (9, 0, 0, 1)]
 
 @pytest.mark.parametrize('impl', GROUPED_MATMULS)
 @pytest.mark.parametrize('sizes', SIZES)
-@pytest.mark.parametrize('block', [1, 64])
+@pytest.mark.parametrize('block', [pytest.param(1, marks=pytest.mark.slow), 4,
+                                   pytest.param(64, marks=pytest.mark.slow)])
 def test_grouped_matmul_matches_numpy_with_gradients(impl, sizes, block):
   """Both implementations on CPU (the accelerator one too, so its choice is tested here):
   outputs, and gradients of x and w equal the per-row numpy reference."""
