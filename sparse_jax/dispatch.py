@@ -13,7 +13,10 @@ Capacity backends share one signature and one slot layout, expert-major [E, G*C,
              are gathers only (custom VJPs): deterministic, fast on CPU, memory linear
              in S.
   'einsum'   GShard one-hot dispatch/combine tensors [G, S, E, C]: the readable
-             reference, quadratic in S (C grows with S).
+             reference, quadratic in S (C grows with S). The contractions select rather
+             than multiply, so that, as in 'index', a NaN/inf row stays in its own
+             slots and tokens (whose rows are non-finite then) instead of reaching its
+             whole group.
 
 'dropless' has no capacity: it sorts the S*K choices by expert (sort_map, a SlotMap whose
 slots are the sorted rows, so the index backend's gathers move them both ways) and runs
@@ -161,12 +164,27 @@ def einsum_masks(plan: RoutingPlan, num_experts: int, capacity: int):
   return dispatch, combine
 
 
+def _select_sum(spec: str, mask: jax.Array, rows: jax.Array) -> jax.Array:
+  """einsum(spec, mask, rows) contracting over source rows, where only the nonzero
+  entries of `mask` select a source: a non-finite source row (any NaN/inf) reaches only
+  the destinations that select it, as non-finite rows. A plain product would send
+  0 * NaN = NaN to every destination of the contraction (the whole group), and its
+  gradient would spread the same way; here the other rows' gradients stay finite."""
+  finite = jnp.all(jnp.isfinite(rows), axis=-1, keepdims=True)             # [..., 1]
+  out = jnp.einsum(spec, mask.astype(rows.dtype), jnp.where(finite, rows, 0))
+  hit = jnp.einsum(spec, (mask != 0).astype(jnp.float32), (~finite).astype(jnp.float32))
+  # The value they get is computed from the bad rows, not a NaN constant, which XLA:CPU
+  # may fold into finite garbage in a fused consumer (exp).
+  bad = jnp.sum(jnp.where(finite, 0, rows))
+  return jnp.where(hit > 0, bad, out).astype(rows.dtype)
+
+
 def einsum_dispatch(x, plan, num_experts, capacity):
   """x [G, S, D] (or [S, D]) -> (slots [E, G*C, D], combine tensor [G, S, E, C])."""
   dispatch, combine = einsum_masks(plan, num_experts, capacity)
   d = x.shape[-1]
   xg, dispatch = x.reshape((-1,) + x.shape[-2:]), dispatch.reshape((-1,) + dispatch.shape[-3:])
-  slots = jnp.einsum('gsec,gsd->egcd', dispatch.astype(x.dtype), xg)
+  slots = _select_sum('gsec,gsd->egcd', dispatch, xg)
   return slots.reshape(num_experts, -1, d), combine
 
 
@@ -175,7 +193,7 @@ def einsum_combine(out, plan, combine):
   e, _, d = out.shape
   cg = combine.reshape((-1,) + combine.shape[-3:])                          # [G, S, E, C]
   g, _, _, c = cg.shape
-  y = jnp.einsum('gsec,egcd->gsd', cg.astype(out.dtype), out.reshape(e, g, c, d))
+  y = _select_sum('gsec,egcd->gsd', cg, out.reshape(e, g, c, d))
   return y.reshape(plan.weight.shape[:-1] + (d,))
 
 

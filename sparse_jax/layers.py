@@ -43,6 +43,14 @@ def check_activation(activation: str) -> None:
     raise ValueError(f'activation={activation!r} is unknown; use one of {ACTIVATIONS}.')
 
 
+def check_floating(x: jax.Array, layer: str) -> None:
+  """Refuse integer (or bool) input: the layers compute in x's dtype, so the weights would
+  be truncated to integers and the output silently wrong."""
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise TypeError(f'{layer} input dtype {x.dtype} is not floating; cast x to the '
+                    "parameters' dtype (e.g. x.astype(jnp.float32)) first.")
+
+
 def ffn_weight_names(activation: str) -> tuple[str, ...]:
   return ('wi', 'wi_gate', 'wo') if activation == 'swiglu' else ('wi', 'wo')
 
@@ -80,7 +88,8 @@ def ffn(w: dict[str, jax.Array], x: jax.Array, activation: str,
 
 class DenseFFN(nnx.Module):
   """Dense FFN, x [..., D] -> [..., D]: every dense block, the shared expert, the
-  benchmarks' baseline. Hidden units are split over the mesh axis 'model'."""
+  benchmarks' baseline. Hidden units are split over the mesh axis 'model'. x must be
+  floating (integer x is a TypeError), as for RMSNorm, Attention and the MoE."""
 
   def __init__(self, d_model: int, d_ff: int, *, activation: str = 'gelu',
                init_scale: float = 1.0, param_dtype=jnp.float32,
@@ -97,6 +106,7 @@ class DenseFFN(nnx.Module):
     return {n: getattr(self, n)[...] for n in ffn_weight_names(self.activation)}
 
   def __call__(self, x: jax.Array) -> jax.Array:
+    check_floating(x, 'DenseFFN')
     return ffn(self.weights(), x.reshape(-1, x.shape[-1]), self.activation).reshape(x.shape)
 
 
@@ -107,6 +117,7 @@ class RMSNorm(nnx.Module):
     self.eps = eps
 
   def __call__(self, x):
+    check_floating(x, 'RMSNorm')
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 ** 2, axis=-1, keepdims=True) + self.eps)
     return (y * self.scale[...]).astype(x.dtype)
@@ -145,6 +156,7 @@ class Attention(nnx.Module):
     self.wo = weight(rngs.params(), (inner, d_model), names=('model', None), **kw)
 
   def __call__(self, x: jax.Array) -> jax.Array:
+    check_floating(x, 'Attention')
     b, l, d = x.shape
     q, k, v = (jnp.einsum('bld,dk->blk', x, as_compute(w[...], x))
                .reshape(b, l, self.num_heads, -1)

@@ -26,7 +26,8 @@ from sparse_jax import dispatch as dispatch_lib
 from sparse_jax import expert_parallel
 from sparse_jax import grouped_matmul as gmm_lib
 from sparse_jax import routing as routing_lib
-from sparse_jax.layers import DenseFFN, check_activation, ffn, ffn_weight_names, weight
+from sparse_jax.layers import (DenseFFN, check_activation, check_floating, ffn,
+                               ffn_weight_names, weight)
 from sparse_jax.sharding import axis_size, reshard, token_axes
 
 ROUTINGS = ('top_k', 'expert_choice')
@@ -217,7 +218,14 @@ class MoE(nnx.Module):
   come from (sum them over micro-batches for whole-step metrics).
 
   The router and its statistics are float32 whatever x's dtype; the experts compute in
-  x's dtype.
+  x's dtype, which must be floating (integer x is a TypeError: cast it to the
+  parameters' dtype first). An x without tokens (B or L = 0) is a ValueError.
+
+  A token with a NaN or inf feature is contained: it is routed nowhere (routing.py), its
+  output is non-finite, and the other tokens' outputs, and the gradients of a loss over
+  them only, stay finite in every dispatch backend. aux's statistics over all tokens
+  (load_balance_loss, router_z_loss, router_entropy) may be NaN then: expected, not a
+  leak, and it shows the fault in training.
   """
 
   def __init__(self, d_model: int, d_ff: int, num_experts: int, *, k: int = 1,
@@ -277,9 +285,13 @@ class MoE(nnx.Module):
           self.router.bias[...], demand, self.bias_rate)
 
   def _check_input(self, x):
+    check_floating(x, 'MoE')
     if x.ndim != 3 or x.shape[-1] != self.d_model:
       raise ValueError(f'MoE input must be [B, L, D] with D={self.d_model}; got shape '
                        f'{tuple(x.shape)}. Reshape tokens to [batch, length, d_model].')
+    if not x.shape[0] or not x.shape[1]:
+      raise ValueError(f'MoE input of shape {tuple(x.shape)} has no tokens; pass a batch '
+                       'with B >= 1 and L >= 1.')
     if x.shape[0] % self.shards:
       raise ValueError(f'Batch size {x.shape[0]} must be divisible by the {self.shards} '
                        f'token shards of the mesh (axes {token_axes(self.mesh)}); pad or '
@@ -287,6 +299,17 @@ class MoE(nnx.Module):
 
   def _bias(self):
     return self.router.bias[...] if self.balancing == 'loss_free' else None
+
+  def _logits(self, x, train):
+    """(ok bool[B, L, 1], x with the non-finite tokens zeroed, logits f32[B, L, E]).
+
+    A token with a NaN/inf feature enters no matmul with a parameter, whose gradient
+    (x^T dy: 0 * NaN) it would poison whole. Its logits are non-finite, so routing sends
+    it nowhere (routing.router_probs).
+    """
+    ok = jnp.all(jnp.isfinite(x), axis=-1, keepdims=True)
+    clean = jnp.where(ok, x, 0)
+    return ok, clean, jnp.where(ok, self.router(clean, train=train), _non_finite(x))
 
   def route(self, x: jax.Array, *, train: bool = False):
     """The plan this layer uses for x [B, L, D]: (RoutingPlan with fields [G, S, K], C).
@@ -297,16 +320,16 @@ class MoE(nnx.Module):
     self._check_input(x)
     b, l, _ = x.shape
     s = _group(self.settings, b // self.shards * l)
-    logits = self.router(x, train=train).reshape(-1, s, self.num_experts)
+    logits = self._logits(x, train)[2].reshape(-1, s, self.num_experts)
     return _route_groups(self.settings, logits, self._bias())
 
   def __call__(self, x: jax.Array, train: bool = False):
     self._check_input(x)
     st = self.settings
-    logits = self.router(x, train=train)                                # f32[B, L, E]
+    ok, clean, logits = self._logits(x, train)                          # f32[B, L, E]
     body = functools.partial(_routed, st=st, apply=self.experts.apply,
                              grouped_apply=self.experts.grouped_apply)
-    args = (x, logits, self.experts.weights(), self._bias())
+    args = (clean, logits, self.experts.weights(), self._bias())
     if st.token_axes:
       tok = P(st.token_axes)
       specs = (tok, tok, P('expert') if st.ep > 1 else P(), P())
@@ -320,8 +343,14 @@ class MoE(nnx.Module):
     if train:
       self.update_bias(stats['demand'])
     if self.shared is not None:
-      y = y + self.shared(x)
-    return y, aux
+      y = y + self.shared(clean)
+    return jnp.where(ok, y, _non_finite(x)), aux
+
+
+def _non_finite(x):
+  """[..., 1]: non-finite (NaN or inf) where the row x [..., D] is, computed from x: a NaN
+  constant in its place may be folded into finite garbage by XLA:CPU's fused exp."""
+  return jnp.sum(x, axis=-1, keepdims=True)
 
 
 def _platform(mesh: Mesh | None) -> str:
@@ -335,8 +364,7 @@ def _validate(*, num_experts, k, capacity_factor, dispatch, routing_name, balanc
     raise ValueError(f'num_experts={num_experts} must be >= 1.')
   if not 1 <= k <= num_experts:
     raise ValueError(f'k={k} must be between 1 and num_experts={num_experts}.')
-  if not capacity_factor > 0:
-    raise ValueError(f'capacity_factor={capacity_factor} must be > 0.')
+  routing_lib.check_capacity_factor(capacity_factor)
   if dispatch not in dispatch_lib.BACKENDS:
     raise ValueError(f'dispatch={dispatch!r} is unknown; use one of {dispatch_lib.BACKENDS}.')
   if routing_name not in ROUTINGS:

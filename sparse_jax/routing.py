@@ -13,10 +13,15 @@ Semantics (the README's "Routing semantics"):
   * A choice whose probability is exactly 0 (softmax underflow, logit gaps past ~100)
     is no request at all: it takes no slot (slot -1), is never kept, has weight 0, and
     counts neither as demand nor as dropped.
+  * A token whose softmax is undefined (a NaN or +inf logit, or every logit -inf) gets
+    probabilities 0 (router_probs), so it likewise requests nothing and displaces no
+    other token. Left to NaN arithmetic its choice would depend on the compiler
+    (XLA:CPU's fused exp can turn a NaN into finite garbage).
 """
 from __future__ import annotations
 
 import math
+import numbers
 from typing import NamedTuple
 
 import jax
@@ -39,17 +44,42 @@ class RoutingPlan(NamedTuple):
   kept: jax.Array
 
 
+def check_capacity_factor(capacity_factor: float) -> None:
+  """Refuse a capacity factor that is not a finite number > 0 (inf would overflow C)."""
+  if not (isinstance(capacity_factor, numbers.Real) and math.isfinite(capacity_factor)
+          and capacity_factor > 0):
+    raise ValueError(f'capacity_factor={capacity_factor} must be a finite number > 0 '
+                     '(1.0 = exactly enough slots for a perfectly balanced router); for no '
+                     "drops at all use dispatch='dropless'.")
+
+
 def capacity(num_tokens: int, num_experts: int, k: int,
              capacity_factor: float) -> int:
-  """Slots per expert per group: ceil(capacity_factor * k * S / E), at least 1."""
+  """Slots per expert per group: ceil(capacity_factor * k * S / E), at least 1.
+
+  num_tokens S is a static group size >= 0 (0 gives the floor of 1 slot; the MoE layer
+  refuses empty inputs before routing).
+  """
+  if num_tokens < 0:
+    raise ValueError(f'num_tokens={num_tokens} must be >= 0 (the tokens in one routing '
+                     'group).')
   if num_experts < 1:
     raise ValueError(f'num_experts={num_experts} must be >= 1.')
   if not 1 <= k <= num_experts:
     raise ValueError(f'k={k} must be between 1 and num_experts={num_experts}.')
-  if not capacity_factor > 0:
-    raise ValueError(f'capacity_factor={capacity_factor} must be > 0 '
-                     '(1.0 = exactly enough slots for a perfectly balanced router).')
+  check_capacity_factor(capacity_factor)
   return max(1, math.ceil(capacity_factor * k * num_tokens / num_experts))
+
+
+def router_probs(logits: jax.Array) -> jax.Array:
+  """softmax(logits) in float32 over the last axis, 0 for a token where it is undefined
+  (see the module docstring). The select comes before the softmax, so the other tokens'
+  gradients stay finite and no NaN ever reaches exp."""
+  logits = logits.astype(jnp.float32)
+  finite = jnp.isfinite(logits)
+  defined = (jnp.all(finite | (logits < 0), axis=-1, keepdims=True)      # -inf is fine
+             & jnp.any(finite, axis=-1, keepdims=True))
+  return jnp.where(defined, jax.nn.softmax(jnp.where(defined, logits, 0.0), axis=-1), 0.0)
 
 
 def queue_positions(expert: jax.Array, num_experts: int,
@@ -84,13 +114,14 @@ def route_top_k(logits: jax.Array, k: int, capacity: int, *,
     raise ValueError(f'k={k} must be between 1 and the number of experts {e}.')
   if normalize_weights is None:
     normalize_weights = k >= 2
-  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)          # [S, E]
+  probs = router_probs(logits)                                         # [S, E]
   scores = probs if bias is None else probs + bias.astype(jnp.float32)
   _, expert = jax.lax.top_k(jax.lax.stop_gradient(scores), k)          # [S, K]
   weight = jnp.take_along_axis(probs, expert, axis=-1)                 # [S, K]
   requested = weight > 0
   if normalize_weights:
-    weight = weight / jnp.sum(weight, axis=-1, keepdims=True)
+    total = jnp.sum(weight, axis=-1, keepdims=True)
+    weight = weight / jnp.where(total > 0, total, 1.0)                 # 0, not 0/0
   slot = queue_positions(expert, e, requested)
   kept = requested & (slot < capacity)
   return RoutingPlan(expert=expert.astype(jnp.int32),
@@ -106,7 +137,7 @@ def route_expert_choice(logits: jax.Array, capacity: int) -> RoutingPlan:
   included: see check_expert_choice for where that is allowed.
   """
   s, e = logits.shape
-  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)          # [S, E]
+  probs = router_probs(logits)                                         # [S, E]
   # rank[s, e] = position of token s in expert e's order by descending probability.
   order = jnp.argsort(-jax.lax.stop_gradient(probs), axis=0, stable=True)  # [S, E]
   rank = jnp.argsort(order, axis=0).astype(jnp.int32)                  # inverse perm

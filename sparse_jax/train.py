@@ -20,7 +20,8 @@ from ml_collections import config_flags
 FLAGS = flags.FLAGS
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).')
 flags.DEFINE_string('workdir', None, 'Directory for metrics, TensorBoard and checkpoints.')
-flags.DEFINE_integer('cpu_devices', None, 'Simulate this many CPU devices (CPU only).')
+flags.DEFINE_integer('cpu_devices', None, 'Simulate this many CPU devices (CPU only).',
+                     lower_bound=1)
 flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multi-host).')
 flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-host).')
 flags.DEFINE_integer('process_id', None, 'Index of this process (multi-host).')
@@ -43,13 +44,21 @@ def main(argv=None):
   except flags.Error as e:                               # flag syntax and values
     _die(e)
   except (KeyError, AttributeError) as e:                # an override of a missing key
-    key = str(e.args[0]).strip('\'"')
-    flag = next((a for a in argv if a.startswith('--config.') and key in a), key)
-    _die(f'unknown config key {key!r} in {flag}; the keys and their defaults are in '
+    while e.args and isinstance(e.args[0], BaseException):   # AttributeError(KeyError(..))
+      e = e.args[0]
+    text = str(e.args[0]) if e.args else str(e)
+    first, _, hint = text.partition('\n')              # ml_collections adds "Did you mean"
+    key = first.strip('\'" ')
+    flag = next((a.split('=')[0] for a in argv if a.startswith('--config.')
+                 and f'.{key}.' in a.split('=')[0] + '.'), key)
+    hint = f' ({hint.strip()})' if hint.strip() else ''
+    _die(f'unknown config key {key!r} in {flag}{hint}; the keys and their defaults are in '
          'sparse_jax/config.py (base_config)')
   except OSError as e:                                   # the config file itself
     _die('cannot load the --config file: ' + str(e).splitlines()[-1].strip())
   logging.set_verbosity(logging.ERROR)                   # tfds' info/warning chatter
+  # orbax logs a failed save's traceback from its threads; the trainer reports it in one line
+  logging.get_absl_handler().addFilter(lambda r: '/orbax/' not in r.pathname)
   if config is None:
     _die('--config is required, e.g. --config=configs/switch.py')
   if not FLAGS.workdir:
@@ -70,7 +79,7 @@ def main(argv=None):
   from sparse_jax.training import checkpoint, loop
   try:
     code = loop.train(config, pathlib.Path(FLAGS.workdir))
-  except (ConfigError, loop.DataError, loop.WorkdirBusyError,
+  except (ConfigError, loop.DataError, loop.WorkdirError,
           checkpoint.NoCheckpointError) as e:
     _die(e)                     # ConfigError here: FSDP cannot split, or resume refused
   sys.exit(code)

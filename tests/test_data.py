@@ -403,5 +403,8 @@ def test_tfds_not_prepared_says_how(tmp_path, name):
                        data_dir=str(tmp_path))
   msg = str(e.value)
   assert isinstance(e.value, ValueError) and '\n' not in msg
-  assert f'tfds build {name} --file_format=array_record --data_dir={tmp_path}' in msg
   assert '--config.data.data_dir' in msg
+  if name == 'no_such_dataset_xyz':        # a typo: no `tfds build` of a name tfds lacks
+    assert 'is not a dataset' in msg and 'list_builders' in msg and 'tfds build' not in msg
+  else:
+    assert f'tfds build {name} --file_format=array_record --data_dir={tmp_path}' in msg

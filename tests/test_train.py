@@ -15,7 +15,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from sparse_jax import data
-from sparse_jax.training import loop
+from sparse_jax.training import checkpoint, loop
 from sparse_jax.config import ConfigError, load_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -217,6 +217,8 @@ def test_nan_guard_stops_and_keeps_last_good_checkpoint(tmp_path, data_dir, caps
   bad = int(line[0].split(' at step ')[1].split(';')[0])
   saved = sorted(int(d.name) for d in (tmp_path / 'checkpoints').iterdir() if d.name.isdigit())
   assert saved and max(saved) == bad - 1
+  assert f'last good checkpoint is step {bad - 1} ' in line[0]
+  assert checkpoint.Checkpoints(tmp_path).verified(bad - 1)      # named only once verified
 
 
 # Only what a subprocess can show: flag parsing and exit codes (validate() itself is
@@ -268,6 +270,7 @@ def test_resume_on_other_device_counts_and_meshes(tmp_path, data_dir):
                                [r['max_violation'] for r in a], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_two_processes_reproduce_one_process(tmp_path, data_dir):
   """2 processes x 4 devices with FSDP over the 8 data shards = 1 process x 8 without."""
   flags = ['--config.train.steps=6', '--config.train.eval_every=6', '--config.mesh.fsdp=True']
@@ -284,26 +287,3 @@ def test_two_processes_reproduce_one_process(tmp_path, data_dir):
   assert [r['step'] for r in b] == list(range(1, 7))
   np.testing.assert_allclose([r['loss'] for r in b], [r['loss'] for r in a], rtol=1e-5)
   assert (tmp_path / 'two' / 'checkpoints' / '6').exists()
-
-
-def test_a_second_trainer_on_a_workdir_is_refused(tmp_path, data_dir):
-  """The lock is an flock: it conflicts across open files, even in one process, and the
-  OS releases it when its holder dies."""
-  import fcntl
-  with open(tmp_path / 'trainer.lock', 'w') as holder:
-    fcntl.flock(holder, fcntl.LOCK_EX)
-    holder.write('12345')
-    holder.flush()
-    with pytest.raises(loop.WorkdirBusyError) as e:
-      loop.train(_config(data_dir), tmp_path)
-  assert str(tmp_path) in str(e.value) and 'pid 12345' in str(e.value)
-  assert '\n' not in str(e.value) and not (tmp_path / 'checkpoints').exists()
-
-
-def test_a_cut_off_last_metrics_line_is_dropped_on_resume(tmp_path, capsys):
-  rows = [json.dumps({'step': s, 'loss': 1.0}) for s in (1, 2, 3)]
-  (tmp_path / 'metrics.jsonl').write_text('\n'.join(rows) + '\n{"step": 4, "lo')
-  writer = loop.MetricsWriter(tmp_path, resume_step=2)
-  writer.close()
-  assert [r['step'] for r in _rows(tmp_path)] == [1, 2]
-  assert 'cut-off last line' in capsys.readouterr().err

@@ -11,7 +11,9 @@ Text, both of which tfds serialises with its own protobuf code.
 
 The fingerprint ({'bytes', 'sha256', 'files'} over the sorted (path, bytes) pairs) and the
 per-split counts go into the dataset's metadata.json, written by tfds together with the
-dataset, so later runs report them without re-reading the files.
+dataset, so later runs report them without re-reading the files. Once the records read
+back match that fingerprint, a digest manifest of the cache's files is written beside
+them; every later use checks it (sizes and sha256) and rebuilds a damaged cache.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import io
 import os
 import pathlib
 import platform
+import shutil
 import sys
 import sysconfig
 import time
@@ -29,6 +32,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core.utils import tqdm_utils
 
+from sparse_jax import digests
 from sparse_jax.data import hashing
 
 NAME = 'stdlib_py'
@@ -143,25 +147,61 @@ def _file_lock(path: pathlib.Path):
 
 def build(data_dir: str | os.PathLike | None = None, *, root: str | os.PathLike | None = None,
           verbose: bool = True) -> StdlibPy:
-  """The prepared builder, building it first when absent (idempotent; locked)."""
+  """The prepared builder, verified, building it first when absent or damaged (idempotent;
+  locked). ValueError (one line) when the data dir cannot be written."""
   data_dir = data_dir_for(data_dir)
   builder = StdlibPy(data_dir=os.fspath(data_dir), root=root, file_format='array_record')
-  if builder.is_prepared():        # no lock: a prepared copy may sit on a read-only disk
+  if builder.is_prepared() and _check(builder) is None:   # no lock: may be read-only
     return builder
-  data_dir.mkdir(parents=True, exist_ok=True)
-  with _file_lock(data_dir / f'.{NAME}.lock'):
-    builder = StdlibPy(data_dir=os.fspath(data_dir), root=root, file_format='array_record')
-    if not builder.is_prepared():  # another process may have built it while we waited
+  try:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with _file_lock(data_dir / f'.{NAME}.lock'):
+      builder = StdlibPy(data_dir=os.fspath(data_dir), root=root, file_format='array_record')
+      if builder.is_prepared():    # another process may have built it while we waited
+        problem = _check(builder)
+        if problem is None:
+          return builder
+        print(f'note: the {NAME} corpus cache at {builder.data_dir} {problem}; rebuilding '
+              'it (it is derived data)', file=sys.stderr, flush=True)
+        shutil.rmtree(builder.data_dir)
       start = time.perf_counter()
       with _quiet(verbose):
         builder.download_and_prepare()
       builder = StdlibPy(data_dir=os.fspath(data_dir), root=root)   # re-read from disk
-      if verbose:
-        fp = builder.info.metadata['fingerprint']
-        print(f'built {NAME}/{CONFIG} from {builder.info.metadata["root"]} in '
-              f'{time.perf_counter() - start:.1f}s: {fp["files"]} files, {fp["bytes"]:,} '
-              f'bytes, sha256 {fp["sha256"]}', flush=True)
+      problem = _check(builder)    # reads every record back once, then records digests
+      if problem is not None:
+        raise ValueError(f'the {NAME} corpus just built at {builder.data_dir} {problem}')
+  except OSError as e:
+    raise ValueError(f'cannot build the {NAME} corpus in {data_dir}: {e.strerror}; point '
+                     f'--config.data.data_dir (or ${DATA_ENV}) at a writable directory') from None
+  if verbose:
+    fp = builder.info.metadata['fingerprint']
+    print(f'built {NAME}/{CONFIG} from {builder.info.metadata["root"]} in '
+          f'{time.perf_counter() - start:.1f}s: {fp["files"]} files, {fp["bytes"]:,} '
+          f'bytes, sha256 {fp["sha256"]}', flush=True)
   return builder
+
+
+def _check(builder: StdlibPy) -> str | None:
+  """What is wrong with a prepared cache, or None. With a digest manifest: its files'
+  sizes and sha256. Without one (just built, or built by older code): every record is
+  read back and fingerprinted against metadata.json, then the manifest is written (when
+  the directory is writable; else this is repeated next time)."""
+  path = pathlib.Path(builder.data_dir)
+  if digests.has_manifest(path):
+    return digests.check(path)
+  try:
+    records = sorted((r['path'].decode(), r['text']) for split in hashing.SPLITS
+                     for r in builder.as_data_source(split=split))
+    have = hashing.fingerprint(iter(records))
+  except Exception as e:  # pylint: disable=broad-except  # riegeli, tfds, ...: unreadable
+    return f'cannot be read ({type(e).__name__})'
+  want = builder.info.metadata.get('fingerprint', {})
+  if any(have[k] != want.get(k) for k in ('files', 'bytes', 'sha256')):
+    return 'does not match its fingerprint'
+  with contextlib.suppress(OSError):
+    digests.write_manifest(path)
+  return None
 
 
 def describe(builder: StdlibPy) -> dict:

@@ -96,7 +96,11 @@ def tfds_builder(name: str, data_dir=None) -> tfds.core.DatasetBuilder:
     try:
       builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError:
-      raise _not_prepared(name, data_dir, 'is neither a registered builder nor prepared') from None
+      raise DatasetNotPreparedError(
+          f'tfds:{name} is not a dataset this tensorflow_datasets ({tfds.__version__}) knows, '
+          f'and nothing is prepared under that name in {data_dir}; check the spelling '
+          '(python -c "import tensorflow_datasets as tfds; print(tfds.list_builders())"), or '
+          'point --config.data.data_dir at the directory that holds it') from None
   if not builder.is_prepared():
     raise _not_prepared(name, data_dir, 'is not prepared')
   return builder
@@ -164,8 +168,9 @@ def _files_split(files, split: str) -> TextFiles:
                      f"by path hash) and 'all'; got split={split!r}.")
   chosen = [p for rel, p in files if hashing.split_of(rel) == split]
   if not chosen:
-    raise ValueError(f'files source: no file falls in split {split!r} (the hash split puts '
-                     f'~5% of files in validation); give more files or use split=\'all\'.')
+    raise ValueError(f'files source: none of its {len(files)} files falls in the {split!r} '
+                     'split (a hash of each path puts ~1 file in 20 in validation); give '
+                     'more files, e.g. cut a large one into 20 or more.')
   return TextFiles(chosen)
 
 

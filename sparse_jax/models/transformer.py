@@ -58,7 +58,7 @@ _run_block_remat = nnx.remat(_run_block, static_argnums=(2,))
 
 
 class TransformerLM(nnx.Module):
-  """tokens i32[B, L] -> (logits f32[B, L, V], aux).
+  """tokens i32[B, L] -> (logits f32[B, L, V], aux); B, L >= 1 (empty is a ValueError).
 
   Activations and matmuls run in spec.dtype (parameters stay in spec.param_dtype); the
   routers, routing statistics and the logits are float32. remat=True recomputes each
@@ -83,6 +83,9 @@ class TransformerLM(nnx.Module):
         out_sharding=(None, None), eager_sharding=False)
 
   def __call__(self, tokens: jax.Array, train: bool = False):
+    if tokens.ndim != 2 or not tokens.shape[0] or not tokens.shape[1]:
+      raise ValueError(f'tokens must be [B, L] with B >= 1 and L >= 1; got shape '
+                       f'{tuple(tokens.shape)}. Pass at least one non-empty sequence.')
     x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)    # [B, L, D]
     zero = jnp.zeros((), jnp.float32)
     aux = {'load_balance_loss': zero, 'router_z_loss': zero, 'layers': {}}

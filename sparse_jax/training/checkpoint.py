@@ -1,22 +1,48 @@
-"""Orbax checkpoints of a run: the (model, optimizer) state, the data position, the config.
+"""Orbax checkpoints of a run that verify themselves: the (model, optimizer) state, the data
+position, the config, and a digest manifest.
 
 Typed PRNG keys are stored as raw key data (orbax cannot store key arrays) and wrapped
 again on restore. Restores are placed with the shardings of the state they fill, so a
 run resumes on another mesh, with or without FSDP, on another number of devices. The
 data position is the iterator's state as JSON: every process reads the same global
 batch (sparse_jax.data.pipeline), so one state serves any process count.
+
+Saves are asynchronous. Once orbax has finalised step N, process 0 writes its digest
+manifest, checkpoints/N/digests.json (sparse_jax.digests); only then may rotation remove
+older steps. Restores take the newest step that
+passes its digests and loads; a step that fails is named in one line and moved aside to
+checkpoints/N.corrupt (never deleted; a read-only reader skips it instead). A step
+without a manifest (written by older code, or the run was killed between finalising and
+digesting it) is accepted if it loads. A save that fails raises SaveError once noticed
+(the next step on one process, else the next save), after removing its partial directory.
 """
 from __future__ import annotations
 
+import os
 import pathlib
+import shutil
+import sys
+from typing import Callable, TypeVar
 
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.experimental import multihost_utils
 
-from sparse_jax.config import from_saved, resolve
+from sparse_jax import digests
+from sparse_jax.config import ConfigError, from_saved, resolve
 from sparse_jax.training.steps import build
+
+T = TypeVar('T')
+
+
+class NoCheckpointError(ValueError):
+  """A workdir that holds no checkpoint to load."""
+
+
+class SaveError(RuntimeError):
+  """An asynchronous save failed (disk full, permissions, ...); one-line message."""
 
 
 def _storable(state):
@@ -37,53 +63,181 @@ def _abstract(state, shardings):
                       _storable(state), shardings)
 
 
-def manager(workdir: pathlib.Path, *, keep: int | None = None) -> ocp.CheckpointManager:
-  """The workdir's checkpoint manager; keep=None opens it read-only."""
-  options = None if keep is None else ocp.CheckpointManagerOptions(
-      max_to_keep=keep, create=True, enable_async_checkpointing=True)
-  return ocp.CheckpointManager((workdir / 'checkpoints').absolute(), options=options)
+def _one_line(e: BaseException) -> str:
+  """The last line of an exception, its middle cut when long: tensorstore repeats paths
+  there, and puts the cause (e.g. 'No space left on device') at the end."""
+  lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+  text = f'{type(e).__name__}: {lines[-1] if lines else ""}'
+  return text if len(text) <= 320 else f'{text[:120]} ... {text[-180:]}'
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state, data_iterator,
-         config: ml_collections.ConfigDict, *, wait: bool = False) -> None:
-  mngr.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(_storable(state)),
-      data=ocp.args.JsonSave(data_iterator.get_state()),
-      config=ocp.args.JsonSave(config.to_dict())))
-  if wait:
-    mngr.wait_until_finished()
+
+def _check(directory: pathlib.Path) -> str | None:
+  """What is wrong with a step's directory, or None. Without a manifest it may still load."""
+  if not digests.has_manifest(directory):
+    return None if directory.is_dir() and any(directory.iterdir()) else 'is empty'
+  return digests.check(directory)
 
 
-def restore(mngr: ocp.CheckpointManager, step: int, state, shardings, data_iterator):
-  """The state saved at `step`, placed like `state`; the iterator is moved in place."""
-  restored = mngr.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(_abstract(state, shardings)),
-      data=ocp.args.JsonRestore()))
-  data_iterator.set_state(restored.data)
-  return _rewrap_keys(state, restored.state)
+class Checkpoints:
+  """The workdir's checkpoints. keep=None opens them read-only (a reader never changes a
+  workdir: a bad step is skipped, not moved aside); else at most `keep` verified steps
+  are kept."""
 
+  def __init__(self, workdir: pathlib.Path, *, keep: int | None = None):
+    self.dir = (pathlib.Path(workdir) / 'checkpoints').absolute()
+    self.keep = keep
+    self._lead = jax.process_index() == 0
+    self._pending = None
+    if keep is None:
+      options = ocp.CheckpointManagerOptions(read_only=True)
+    else:            # rotation is ours: only after the newer step is verified
+      options = ocp.CheckpointManagerOptions(
+          max_to_keep=None, create=True, enable_async_checkpointing=True,
+          cleanup_tmp_directories=True)   # partial saves of a killed run
+    self._mngr = ocp.CheckpointManager(self.dir, options=options)
 
-def saved_config(mngr: ocp.CheckpointManager, step: int) -> ml_collections.ConfigDict:
-  saved = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-  return from_saved(saved['config'])
+  def steps(self) -> list[int]:
+    """Finalised steps, newest first."""
+    return sorted(self._mngr.all_steps(), reverse=True)
 
+  def verified(self, step: int) -> bool:
+    path = self.dir / str(step)
+    return digests.has_manifest(path) and digests.check(path) is None
 
-class NoCheckpointError(ValueError):
-  """A workdir that holds no checkpoint to load."""
+  # --- restore ---------------------------------------------------------------------------
+
+  def newest(self, load: Callable[[int], T]) -> tuple[int | None, T | None]:
+    """(step, load(step)) for the newest step that passes its digests and loads, or
+    (None, None). ConfigError from `load` (a refused resume) passes through."""
+    for step in self.steps():
+      problem = _check(self.dir / str(step))
+      if problem is None:
+        try:
+          return step, load(step)
+        except ConfigError:
+          raise
+        except Exception as e:  # pylint: disable=broad-except  # any unreadable part
+          problem = f'cannot be read ({_one_line(e)})'
+      self._reject(step, problem)
+    return None, None
+
+  def _reject(self, step: int, problem: str):
+    where = self.dir / str(step)
+    if self.keep is None:
+      action = 'skipped it (this command only reads the workdir)'
+    else:
+      aside = where.with_name(f'{step}.corrupt')
+      n = 1
+      while aside.exists():
+        aside, n = where.with_name(f'{step}.corrupt.{n}'), n + 1
+      if self._lead:
+        os.rename(where, aside)
+      self._sync('reject')
+      action = f'moved it to {aside.name} for inspection'
+    if self._lead:
+      print(f'warning: checkpoint step {step} in {self.dir} {problem}; {action} and '
+            'fell back to the previous step', file=sys.stderr, flush=True)
+    self._mngr.reload()
+
+  def config(self, step: int) -> ml_collections.ConfigDict:
+    saved = self._mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+    return from_saved(saved['config'])
+
+  def restore(self, step: int, state, shardings, data_iterator=None):
+    """The state saved at `step`, placed like `state`; the iterator is moved in place."""
+    items = {'state': ocp.args.StandardRestore(_abstract(state, shardings))}
+    if data_iterator is not None:
+      items['data'] = ocp.args.JsonRestore()
+    restored = self._mngr.restore(step, args=ocp.args.Composite(**items))
+    if data_iterator is not None:
+      data_iterator.set_state(restored['data'])
+    return _rewrap_keys(state, restored['state'])
+
+  # --- save ------------------------------------------------------------------------------
+
+  def save(self, step: int, state, data_iterator, config: ml_collections.ConfigDict, *,
+           wait: bool = False) -> None:
+    self.settle()
+    try:
+      self._mngr.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(_storable(state)),
+          data=ocp.args.JsonSave(data_iterator.get_state()),
+          config=ocp.args.JsonSave(config.to_dict())))
+    except Exception as e:  # pylint: disable=broad-except  # raised before the async part
+      self._failed(step, e)
+    self._pending = step
+    if wait:
+      self.settle()
+
+  def poll(self) -> None:
+    """Once per step: settle a save whose background work has ended. One process only:
+    elsewhere processes could notice at different steps, so it waits for the next save."""
+    if (self._pending is not None and jax.process_count() == 1
+        and not self._mngr.is_saving_in_progress()):
+      self.settle()
+
+  def settle(self) -> None:
+    """Waits for the pending save; then digests it and rotates, or raises SaveError."""
+    if self._pending is None:
+      return
+    step, self._pending = self._pending, None
+    try:
+      self._mngr.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      self._failed(step, e)
+    if self._lead:
+      digests.write_manifest(self.dir / str(step))
+    self._sync('digests')
+    verified = [s for s in self.steps() if digests.has_manifest(self.dir / str(s))]
+    if len(verified) > self.keep:
+      for s in self.steps():
+        if s < verified[self.keep - 1]:
+          self._mngr.delete(s)
+
+  def _failed(self, step: int, e: Exception):
+    if self._lead:                                     # no partial directory left behind
+      for partial in self.dir.glob(f'{step}.orbax-checkpoint-tmp*'):
+        shutil.rmtree(partial, ignore_errors=True)
+    self._mngr.reload()
+    good = next((s for s in self.steps() if self.verified(s)), None)
+    raise SaveError(f'saving checkpoint step {step} to {self.dir} failed: {_one_line(e)}; '
+                    f'the newest verified checkpoint is '
+                    f'{"step " + str(good) if good is not None else "none"}') from e
+
+  def newest_verified(self) -> int | None:
+    return next((s for s in self.steps() if self.verified(s)), None)
+
+  def close(self) -> None:
+    try:
+      self.settle()
+    finally:
+      self._mngr.close()
+
+  @staticmethod
+  def _sync(name: str):
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f'sparse_jax.checkpoint.{name}')
 
 
 def load_model(run_dir: pathlib.Path, mesh):
-  """(config, spec, model) of a training run's latest checkpoint, placed on `mesh`."""
-  mngr = manager(run_dir)
-  step = mngr.latest_step()
-  if step is None:
+  """(config, spec, model) of a training run's newest good checkpoint, placed on `mesh`.
+  Reads only: the run's workdir is left as it is."""
+  if not (pathlib.Path(run_dir) / 'checkpoints').is_dir():
     raise NoCheckpointError(f'no checkpoint in {run_dir / "checkpoints"} to load a model '
                             'from; train it first')
-  config = saved_config(mngr, step)
-  spec = resolve(config, mesh.size)
-  steps = build(spec, mesh)
-  restored = mngr.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(_abstract(steps.state, steps.shardings))))
-  model, _ = nnx.merge(steps.graphdef, _rewrap_keys(steps.state, restored['state']))
-  mngr.close()
-  return config, spec, model
+  ckpts = Checkpoints(run_dir)
+
+  def load(step):
+    config = ckpts.config(step)
+    spec = resolve(config, mesh.size)
+    steps = build(spec, mesh)
+    model, _ = nnx.merge(steps.graphdef, ckpts.restore(step, steps.state, steps.shardings))
+    return config, spec, model
+
+  step, loaded = ckpts.newest(load)
+  ckpts.close()
+  if step is None:
+    raise NoCheckpointError(f'no readable checkpoint in {run_dir / "checkpoints"} to load a '
+                            'model from; train it first')
+  return loaded

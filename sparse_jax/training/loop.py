@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from sparse_jax import data, sharding
 from sparse_jax.analysis.accounting import flops_from_config, params_from_config
-from sparse_jax.config import Spec, check_resume, resolve
+from sparse_jax.config import ConfigError, Spec, check_resume, resolve
 from sparse_jax.training import checkpoint
 from sparse_jax.training.steps import bits_per_byte, build, memory
 from sparse_jax.upcycle import upcycle
@@ -29,8 +29,8 @@ class DataError(ValueError):
   """The data source cannot be read (e.g. a TFDS dataset that was never prepared)."""
 
 
-class WorkdirBusyError(ValueError):
-  """Another trainer holds the workdir."""
+class WorkdirError(ValueError):
+  """The workdir cannot be used: another trainer holds it, or it cannot be written."""
 
 
 @contextlib.contextmanager
@@ -46,7 +46,7 @@ def _workdir_lock(workdir: pathlib.Path):
     except BlockingIOError:
       f.seek(0)
       holder = f.read().strip() or 'unknown'
-      raise WorkdirBusyError(f'{workdir} is in use by another trainer (pid {holder}); wait for '
+      raise WorkdirError(f'{workdir} is in use by another trainer (pid {holder}); wait for '
                              'it to finish or stop it, or use another --workdir') from None
     f.truncate(0)
     f.write(str(os.getpid()))
@@ -108,7 +108,7 @@ def make_mesh(spec: Spec):
   return sharding.make_mesh(spec.mesh['data'], spec.mesh['expert'], spec.mesh['model'])
 
 
-def _iterator(spec: Spec, split, *, train: bool):
+def data_iterator(spec: Spec, split, *, train: bool):
   t = spec.train
   try:
     return data.make_iterator(
@@ -121,7 +121,7 @@ def _iterator(spec: Spec, split, *, train: bool):
 
 def _evaluate(eval_fn, state, spec: Spec, mesh) -> dict:
   sums, n = None, 0
-  it = _iterator(spec, 'validation', train=False)
+  it = data_iterator(spec, 'validation', train=False)
   for batch in it:
     m = jax.device_get(eval_fn(state, sharding.put_batch(batch, mesh)))
     sums = m if sums is None else jax.tree.map(np.add, sums, m)
@@ -129,13 +129,31 @@ def _evaluate(eval_fn, state, spec: Spec, mesh) -> dict:
     if n == spec.train.eval_batches:
       break
   it.close()                                   # stop its prefetch thread now
-  if n == 0:
-    raise DataError('the validation split yielded no batch; lower train.batch_size or '
-                    'train.seq_len, or use a larger corpus')
   out = _to_host({k: v / n for k, v in sums.items()})
   out['bpb'] = bits_per_byte(out['loss'])
   out['batches'] = n
   return out
+
+
+def check_data(spec: Spec, info: dict) -> None:
+  """Before anything compiles: text to train on, and at least one validation batch (which
+  train() needs at its first evaluation, eval_every steps in)."""
+  t, sizes = spec.train, {k: v.get('bytes') for k, v in info['splits'].items()}
+  if sizes.get('train') == 0:
+    raise DataError(f'the train split of {spec.data_source} holds no text (0 bytes); point '
+                    '--config.data.source at files that are not empty')
+  it = data_iterator(spec, 'validation', train=False)
+  try:
+    next(it)
+  except StopIteration:
+    need = t.batch_size * (t.seq_len + 1)
+    raise DataError(
+        f'the validation split of {spec.data_source} holds {sizes.get("validation", 0):,} '
+        f'bytes, less than one batch of train.batch_size x (train.seq_len + 1) = {need:,} '
+        'tokens; lower --config.train.batch_size or --config.train.seq_len, or give more '
+        'data') from None
+  finally:
+    it.close()
 
 
 def evaluate(spec: Spec, model, mesh) -> dict:
@@ -166,12 +184,19 @@ def train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
   """Run (or resume) training of `config` in `workdir`; returns the process exit code.
 
   Raises config.ConfigError for a bad config, DataError for unreadable data and
-  WorkdirBusyError when another trainer holds the workdir.
+  WorkdirError when another trainer holds the workdir or it cannot be written.
   progress: a caller's bar to advance one unit per step (e.g. one bar over many runs);
   by default each run draws its own.
   """
   spec = resolve(config, jax.device_count(), jax.process_count())
-  workdir.mkdir(parents=True, exist_ok=True)
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / '.writable').touch()
+    (workdir / '.writable').unlink()
+  except OSError as e:
+    raise WorkdirError(f'cannot write to --workdir={workdir}: {e.strerror}'
+                       f'{" (it is a file)" if workdir.is_file() else ""}; give a directory '
+                       'on a writable filesystem') from None
   with _workdir_lock(workdir):
     return _train(config, spec, workdir, progress)
 
@@ -185,26 +210,32 @@ def _train(config, spec: Spec, workdir: pathlib.Path, progress) -> int:
     info = data.prepare(spec.data_source, spec.data_dir, verbose=lead)
   except ValueError as e:
     raise DataError(str(e)) from e
+  check_data(spec, info)
 
-  ckpt = checkpoint.manager(workdir, keep=t.keep_checkpoints)
-  start = ckpt.latest_step()
-  if start is not None:
-    check_resume(checkpoint.saved_config(ckpt, start), config,
-                 f'{workdir / "checkpoints"} (step {start})')
+  ckpt = checkpoint.Checkpoints(workdir, keep=t.keep_checkpoints)
   model = None
-  if start is None and spec.upcycle_from:
+  if not ckpt.steps() and spec.upcycle_from:
     _, dense_spec, dense = checkpoint.load_model(pathlib.Path(spec.upcycle_from), mesh)
     model = upcycle(dense, spec.model, mesh=mesh, noise=spec.upcycle_noise,
                     router_init_scale=spec.upcycle_router_init_scale, seed=spec.seed)
     say(f'upcycled from {spec.upcycle_from} ({dense_spec.model.num_layers} dense '
         f'blocks -> {spec.model.moe.num_experts} experts per MoE block)')
   steps = build(spec, mesh, model)
-  state = steps.state
-  train_it = _iterator(spec, 'train', train=True)
+  train_it = data_iterator(spec, 'train', train=True)
 
-  if start is not None:
-    state = checkpoint.restore(ckpt, start, state, steps.shardings, train_it)
-    say(f'resumed from step {start} in {workdir / "checkpoints"}')
+  def resume(step):
+    check_resume(ckpt.config(step), config, f'{ckpt.dir} (step {step})')
+    return ckpt.restore(step, steps.state, steps.shardings, train_it)
+
+  start, state = ckpt.newest(resume)
+  if start is None:
+    state = steps.state
+  else:
+    say(f'resumed from step {start} in {ckpt.dir}')
+    if start > t.steps:
+      raise ConfigError(f'train.steps={t.steps} is below step {start} of the checkpoint in '
+                        f'{ckpt.dir}; pass --config.train.steps={start} or more to continue '
+                        'it, or use another --workdir')
   start = start or 0
   batch = sharding.put_batch(next(train_it), mesh)
   # Compiled ahead of time so that XLA's memory analysis of this very step is reported.
@@ -241,13 +272,14 @@ def _train(config, spec: Spec, workdir: pathlib.Path, progress) -> int:
         state, metrics = train_step(state, batch)
         batch = None
         step += 1
+        ckpt.poll()
         m = _to_host(metrics)
         if not math.isfinite(m['loss']) or not math.isfinite(m['total_loss']):
-          ckpt.wait_until_finished()
-          good = ckpt.latest_step()
+          ckpt.settle()
+          good = ckpt.newest_verified()
           print(f"error: loss is {m['loss']} at step {step}; stopped without saving. The "
                 f"last good checkpoint is {'step ' + str(good) if good is not None else 'none'}"
-                f" in {workdir / 'checkpoints'}; lower train.lr or raise train.warmup_steps, "
+                f" in {ckpt.dir}; lower train.lr or raise train.warmup_steps, "
                 'then rerun to resume from it.', file=sys.stderr)
           code = 1
           break
@@ -269,15 +301,18 @@ def _train(config, spec: Spec, workdir: pathlib.Path, progress) -> int:
           bar.write(f"step {step}: validation loss {ev['loss']:.4f}, {ev['bpb']:.4f} bits/byte")
           last = time.perf_counter()
         if stop['sigterm']:
-          checkpoint.save(ckpt, step, state, train_it, config, wait=True)
+          ckpt.save(step, state, train_it, config, wait=True)
           bar.write(f'SIGTERM: saved step {step}; rerun the same command to resume.')
           break
         if step % t.checkpoint_every == 0 or step == t.steps:
-          checkpoint.save(ckpt, step, state, train_it, config)
+          ckpt.save(step, state, train_it, config)
+      ckpt.settle()
+    except checkpoint.SaveError as e:
+      print(f'error: {e}', file=sys.stderr)
+      code = 1
     finally:
       if profiling:
         jax.profiler.stop_trace()
-      ckpt.wait_until_finished()
       ckpt.close()
       if progress is None:
         bar.close()
