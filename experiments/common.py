@@ -236,6 +236,16 @@ class Runner:
     self.bar.close()
 
 
+def continue_run(workdir: pathlib.Path, config, progress=None) -> dict:
+  """Train the existing `workdir` on under `config` (e.g. a compressed model's recovery
+  fine-tune: its checkpoint is resumed), logging to workdir/log.txt; read_run of it."""
+  with open(workdir / 'log.txt', 'a') as log, contextlib.redirect_stdout(log):
+    code = loop.train(config, workdir, progress=progress)
+  if code:
+    raise RunError(f'{workdir} exited with {code}; see {workdir / "log.txt"}')
+  return read_run(workdir)
+
+
 def run_study(study: str, preset: str, configs: dict, runs_root: pathlib.Path) -> dict:
   """Train {label: config} under one progress bar in runs/<study>_<preset>; {label: result}."""
   runner = Runner(f'{study}_{preset}', sum(c.train.steps for c in configs.values()),

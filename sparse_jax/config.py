@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 import pathlib
 
 import jax
@@ -90,7 +91,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.pruning = ml_collections.ConfigDict()
   c.pruning.sparsity = 0.0          # > 0 turns the pruner on (sparse_jax.pruning.wrap)
   c.pruning.method = 'magnitude'    # pruning.METHODS
-  c.pruning.schedule = 'gmp'        # pruning.SCHEDULES: gmp (cubic, Zhu & Gupta), one_shot
+  c.pruning.schedule = 'gmp'        # pruning.SCHEDULES: gmp (cubic, Zhu & Gupta), one_shot,
+                                    #   dynamic (sparse from start_step; SET / RigL / SRigL)
   c.pruning.start_step = 0
   c.pruning.end_step = 0            # 0 -> 3/4 of train.steps
   c.pruning.update_every = 100
@@ -99,6 +101,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.pruning.n_m = ''                # 'N:M', e.g. '2:4'; '' for unstructured
   c.pruning.structure = ''          # '' | ffn_neurons | heads | experts
   c.pruning.targets = 'all'         # all | ffn | attn: which kernels the pruner may touch
+  c.pruning.regrow = 'gradient'     # dynamic: gradient (RigL) | random (SET)
+  c.pruning.fan_in = 'any'          # dynamic: any | constant (SRigL: same inputs per neuron)
+  c.pruning.drop_fraction = 0.3     # dynamic: alpha, cosine-decayed to 0 at end_step
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1             # -1: the devices left over
@@ -234,7 +239,8 @@ def resolve(config: ml_collections.ConfigDict, num_devices: int,
         end_step=_pruning_end_step(config), update_every=p.update_every,
         distribution=p.distribution, scope=p.scope,
         n_m=parse_n_m(p.n_m) if p.n_m else None, structure=p.structure or None,
-        targets=p.targets)
+        targets=p.targets, regrow=p.regrow, fan_in=p.fan_in, drop_fraction=p.drop_fraction,
+        seed=config.seed)
   train = TrainSpec(**{f.name: t[f.name] for f in dataclasses.fields(TrainSpec)
                        if f.name != 'lr_decay_steps'},
                     lr_decay_steps=t.lr_decay_steps or t.steps)
@@ -258,9 +264,25 @@ def _pruning_end_step(config) -> int:
 
 # ------------------------------------------------------------------------- validate
 
+def _missing_keys(want: ml_collections.ConfigDict, have, prefix: str = '') -> list[str]:
+  """Dotted keys of `want` that `have` lacks."""
+  out = []
+  for key, value in want.items():
+    if key not in have:
+      out.append(prefix + key)
+    elif isinstance(value, ml_collections.ConfigDict):
+      out += _missing_keys(value, have[key], f'{prefix}{key}.')
+  return out
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int,
              num_processes: int = 1) -> None:
   """Raise ConfigError naming every bad key, its value and what would be valid."""
+  missing = _missing_keys(base_config(), config)
+  if missing:
+    raise ConfigError(f'the config lacks {", ".join(missing[:8])}'
+                      f'{" and more" if len(missing) > 8 else ""}; start get_config() from '
+                      'sparse_jax.config.base_config() or load_config() of a file in configs/')
   m, moe, t, mesh = config.model, config.moe, config.train, config.mesh
   problems = []
 
@@ -288,7 +310,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int,
   if moe.num_experts > 0:
     need(1 <= moe.k <= moe.num_experts,
          f'moe.k={moe.k} must be between 1 and moe.num_experts={moe.num_experts}')
-    need(moe.capacity_factor > 0, f'moe.capacity_factor={moe.capacity_factor} must be > 0')
+    need(0 < moe.capacity_factor < math.inf,
+         f'moe.capacity_factor={moe.capacity_factor} must be finite and > 0 (for no '
+         "dropping use moe.dispatch='dropless')")
     choice('moe.dispatch', moe.dispatch, BACKENDS)
     choice('moe.routing', moe.routing, ROUTINGS)
     choice('moe.balancing', moe.balancing, BALANCING)
@@ -327,6 +351,14 @@ def validate(config: ml_collections.ConfigDict, num_devices: int,
   except ValueError as e:
     need(False, f'mesh.data/expert/model: {e}')
 
+  if sizes is not None and sizes['model'] > 1:   # it splits heads and FFN hidden units
+    widths = {'model.num_heads': m.num_heads, 'model.d_ff': m.d_ff}
+    if moe.num_experts > 0 and moe.shared_d_ff > 0:
+      widths['moe.shared_d_ff'] = moe.shared_d_ff
+    for key, n in widths.items():
+      need(n % sizes['model'] == 0,
+           f'{key}={n} must be divisible by mesh.model={sizes["model"]} (tensor parallelism '
+           'splits it)')
   for key in ('steps', 'batch_size', 'seq_len', 'log_every', 'eval_every',
               'eval_batches', 'checkpoint_every', 'keep_checkpoints'):
     need(t[key] >= 1, f'train.{key}={t[key]} must be >= 1')
@@ -366,8 +398,18 @@ def validate(config: ml_collections.ConfigDict, num_devices: int,
     need(pr.update_every >= 1, f'pruning.update_every={pr.update_every} must be >= 1')
     need(pr.start_step >= 0, f'pruning.start_step={pr.start_step} must be >= 0')
     end = _pruning_end_step(config)
-    need(pr.schedule != 'gmp' or end > pr.start_step,
-         f'pruning.end_step={end} must be > pruning.start_step={pr.start_step} for gmp')
+    need(pr.schedule not in ('gmp', 'dynamic') or end > pr.start_step,
+         f'pruning.end_step={end} must be > pruning.start_step={pr.start_step} for '
+         f'{pr.schedule}')
+    if pr.schedule == 'dynamic':
+      choice('pruning.regrow', pr.regrow, pruning.REGROW)
+      choice('pruning.fan_in', pr.fan_in, pruning.FAN_IN)
+      need(0 <= pr.drop_fraction <= 1,
+           f'pruning.drop_fraction={pr.drop_fraction} must be in [0, 1] (0 = static sparse)')
+      need(pr.scope == 'layer' and not pr.n_m and not pr.structure,
+           "pruning.schedule='dynamic' moves single weights within each layer: it needs "
+           f"pruning.scope='layer' and no pruning.n_m or pruning.structure (got "
+           f'scope={pr.scope!r}, n_m={pr.n_m!r}, structure={pr.structure!r})')
     if pr.n_m:
       try:
         n, m_ = parse_n_m(pr.n_m)

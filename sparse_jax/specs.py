@@ -106,13 +106,18 @@ class PruningSpec:
   n_m: tuple[int, int] | None
   structure: str | None
   targets: str
+  regrow: str = 'gradient'
+  fan_in: str = 'any'
+  drop_fraction: float = 0.3
+  seed: int = 0
 
   def wrap_kwargs(self, num_heads: int) -> dict:
     extra = dict(structure=self.structure, num_heads=num_heads) if self.structure else {}
     return dict(sparsity=self.sparsity, method=self.method, schedule=self.schedule,
                 start_step=self.start_step, end_step=self.end_step,
                 update_every=self.update_every, distribution=self.distribution,
-                scope=self.scope, n_m=self.n_m,
+                scope=self.scope, n_m=self.n_m, seed=self.seed, regrow=self.regrow,
+                fan_in=self.fan_in, drop_fraction=self.drop_fraction,
                 prunable=pruning.paths.prunable_in(self.targets), **extra)
 
 

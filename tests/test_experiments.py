@@ -19,7 +19,8 @@ REPROS = {'repro_switch_table1': 'switch_table1', 'repro_expert_count': 'expert_
           'repro_init_scale': 'init_scale', 'repro_z_loss': 'z_loss',
           'repro_loss_free': 'loss_free', 'repro_pruning': 'pruning',
           'repro_activation_sparsity': 'activation_sparsity',
-          'repro_quantization': 'quantization'}
+          'repro_quantization': 'quantization', 'repro_dst': 'dst',
+          'repro_oneshot': 'oneshot', 'repro_expert_pruning': 'expert_pruning'}
 SCRIPTS = sorted(p.stem for p in EXPERIMENTS.glob('*.py')
                  if p.stem not in ('common', 'timing'))          # the two helper modules
 

@@ -6,9 +6,14 @@ ModelSpec of the smaller model. It transforms any nnx State whose paths mirror t
 parameters (the parameters, Adam's moments, pruning masks), so training can go on with
 the optimizer state it had.
 
-Shape legend: D d_model, F d_ff, H heads, Dh head dim, n kept neurons / heads.
+compact_experts() does the same for whole experts of MoE layers: their stacked weights,
+router columns and loss-free biases.
+
+Shape legend: D d_model, F d_ff, H heads, Dh head dim, n kept neurons / heads / experts.
   FFN:       wi, wi_gate [D, F] -> [D, n];  wo [F, D] -> [n, D]
   attention: wq, wk, wv [D, H*Dh] -> [D, n*Dh];  wo [H*Dh, D] -> [n*Dh, D]
+  experts:   wi, wi_gate, wo [E, ...] -> [n, ...];  router kernel [D, E] -> [D, n];
+             router bias [E] -> [n]
 """
 from __future__ import annotations
 
@@ -50,7 +55,7 @@ def compact(spec, state: nnx.State, kept: dict) -> tuple:
   other = [k for k in kept if len(k) != 3 or k[2] not in ('ffn', 'attn')]
   if other:
     raise ValueError(f'compact() gathers dense FFN neurons and attention heads; it cannot '
-                     f'compact {other[0]} (experts stay stacked: prune them in place).')
+                     f'compact {other[0]} (for whole experts use compact_experts).')
   head_dim = spec.head_dim
   n_ffn = _same_count(kept, 'ffn', 'FFN neurons')
   n_heads = _same_count(kept, 'attn', 'heads')
@@ -82,3 +87,37 @@ def compact(spec, state: nnx.State, kept: dict) -> tuple:
   if n_heads is not None:
     new = dataclasses.replace(new, num_heads=n_heads)
   return new, nnx.from_flat_state(flat)
+
+
+def _expert_leaf(path):
+  """(block index, axis of the expert dimension) for an expert or router leaf, else None."""
+  for j in range(len(path) - 4):
+    if path[j] == 'blocks' and path[j + 2] == 'ffn':
+      part, name = path[j + 3], path[j + 4]
+      if part == 'experts':
+        return path[j + 1], 0
+      if part == 'router':
+        return path[j + 1], 1 if name == 'kernel' else 0
+  return None
+
+
+def compact_experts(state: nnx.State, kept: dict) -> nnx.State:
+  """`state` with only the kept experts of each MoE block: {block index: expert indices}
+  (ascending; every MoE block listed with the same count, one spec value). Works on any
+  nnx State whose paths mirror the model's (parameters, Adam's moments, masks, the
+  (model, optimizer) state of a run). The smaller layer routes over the kept experts
+  only: it equals the original with the removed experts' router logits at -inf, given
+  the same capacity per expert (scale capacity_factor by n / E)."""
+  if len({len(v) for v in kept.values()}) > 1:
+    raise ValueError(f'compact_experts() needs the same number of kept experts in every '
+                     f'MoE block (one spec value); got { {i: len(v) for i, v in kept.items()} }.')
+  index = {i: jnp.asarray(np.sort(np.asarray(v))) for i, v in kept.items()}
+  flat = []
+  for path, var in nnx.to_flat_state(state):
+    where = _expert_leaf(path)
+    is_var = isinstance(var, nnx.Variable)
+    value = var[...] if is_var else var
+    if where is not None and where[0] in index and getattr(value, 'ndim', 0) > where[1]:
+      value = jnp.take(value, index[where[0]], axis=where[1])
+    flat.append((path, var.replace(value) if is_var else value))
+  return nnx.from_flat_state(flat)

@@ -4,6 +4,8 @@ Shape legend: R rows pruned independently, U candidates (units) per row, M group
   element     one leaf, R = 1, U = its size (unstructured pruning; experts share one row)
   n_m         one leaf, R = size / M, U = M (runs of M along the input axis)
   structured  a structured.Layer: several leaves, U neurons / heads / experts per row
+  rows        one leaf as dynamic.py's rows: R = E (or 1), U = in * out, or with a
+              constant fan-in R = E * out, U = in (dynamic sparse training)
 A unit maps the members' element scores to f32[R, U] and a keep mask bool[R, U] back to
 one element mask per member.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from sparse_jax.pruning import dynamic
 from sparse_jax.pruning import masking as mask_lib
 from sparse_jax.pruning import structured
 from sparse_jax.pruning.paths import path_str
@@ -22,9 +25,10 @@ class Unit:
   leaves: tuple[int, ...]            # indices into the flattened params
   rows: int
   groups: int
-  kind: str                          # 'element' | 'n_m' | 'structured'
+  kind: str                          # 'element' | 'n_m' | 'structured' | 'rows'
   m: int = 0                         # N:M group size
   layer: structured.Layer | None = None
+  fan_in: str = 'any'                # rows: dynamic.FAN_IN
 
   def scores(self, xs):
     """Element scores of self.leaves (same order) -> f32[R, U]."""
@@ -32,6 +36,8 @@ class Unit:
       return xs[0].reshape(1, -1)
     if self.kind == 'n_m':
       return mask_lib.to_n_m_groups(xs[0], self.m)
+    if self.kind == 'rows':
+      return dynamic.to_rows(xs[0], self.fan_in)
     return structured.layer_scores(xs, self.layer)
 
   def masks(self, keep, shapes) -> list:
@@ -40,6 +46,8 @@ class Unit:
       return [keep.reshape(shapes[self.leaves[0]])]
     if self.kind == 'n_m':
       return [mask_lib.from_n_m_groups(keep, shapes[self.leaves[0]])]
+    if self.kind == 'rows':
+      return [dynamic.from_rows(keep, shapes[self.leaves[0]], self.fan_in)]
     return structured.layer_masks(keep, self.layer, shapes)
 
 
@@ -58,6 +66,17 @@ def n_m_units(indices, paths, shapes, n: int, m: int) -> list[Unit]:
                        'with prunable= or pick an M that divides it.')
     size = math.prod(shape)
     units.append(Unit((i,), size // m, m, 'n_m', m=m))
+  return units
+
+
+def row_units(indices, paths, shapes, fan_in: str) -> list[Unit]:
+  units = []
+  for i in indices:
+    if len(shapes[i]) < 2:
+      raise ValueError(f'dynamic sparsity: leaf {path_str(paths[i])} has shape {shapes[i]}, '
+                       'not a kernel [in, out] or [E, in, out]; exclude it with prunable=.')
+    rows, groups = dynamic.rows_shape(shapes[i], fan_in)
+    units.append(Unit((i,), rows, groups, 'rows', fan_in=fan_in))
   return units
 
 

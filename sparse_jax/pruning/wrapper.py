@@ -13,6 +13,12 @@ Per update call (`step` = number of earlier calls):
   3. own the final update: -param where pruned (params + update == 0 exactly), the inner
      update elsewhere, whatever the inner momentum says.
 The recompute sits in lax.cond: other steps cost two elementwise selects per leaf.
+
+schedule='dynamic' (dynamic sparse training: SET, RigL, SRigL) prunes to `sparsity` at
+start_step as above, then at each later update step (< end_step) moves a decaying
+fraction of every row's entries (dynamic.py). An entry grown by an update is left at
+exactly 0 by it (it trains from the next step) and its inner-optimizer moments (every
+params-shaped part of the inner state) are reset to 0.
 """
 from __future__ import annotations
 
@@ -27,11 +33,12 @@ import numpy as np
 import optax
 
 from sparse_jax.pruning import distribution as dist_lib
+from sparse_jax.pruning import dynamic
 from sparse_jax.pruning import masking as mask_lib
 from sparse_jax.pruning import schedule as schedule_lib
 from sparse_jax.pruning import scores as score_lib
 from sparse_jax.pruning import structured, units as unit_lib
-from sparse_jax.pruning.paths import default_prunable, flatten, is_variable, unwrap
+from sparse_jax.pruning.paths import default_prunable, flatten, is_variable, path_str, unwrap
 
 SCOPES = ('layer', 'global')
 STRUCTURES = (None,) + structured.KINDS
@@ -68,6 +75,9 @@ class _Config:
   seed: int
   structure: str | None
   num_heads: int | None
+  regrow: str = 'gradient'
+  fan_in: str = 'any'
+  drop_fraction: float = 0.3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +110,9 @@ def _validate(c: _Config):
     raise ValueError(f'start_step={c.start_step!r} must be an int >= 0.')
   if not _is_int(c.update_every) or c.update_every < 1:
     raise ValueError(f'update_every={c.update_every!r} must be an int >= 1.')
-  if c.schedule == 'gmp' and not (_is_int(c.end_step) and c.end_step > c.start_step):
+  # N:M is one-shot under any schedule, so the default 'gmp' needs no end_step then.
+  if c.schedule == 'gmp' and c.n_m is None and not (_is_int(c.end_step)
+                                                   and c.end_step > c.start_step):
     raise ValueError(f"schedule='gmp' needs an int end_step > start_step={c.start_step}; "
                      f'got end_step={c.end_step!r}.')
   if c.n_m is not None:
@@ -119,6 +131,19 @@ def _validate(c: _Config):
                        f'scope={c.scope!r}, distribution={c.distribution!r}).')
     if c.structure == 'heads' and not (_is_int(c.num_heads) and c.num_heads >= 1):
       raise ValueError(f"structure='heads' needs num_heads >= 1; got {c.num_heads!r}.")
+  if c.schedule == 'dynamic':
+    _choice('regrow', c.regrow, dynamic.REGROW)
+    _choice('fan_in', c.fan_in, dynamic.FAN_IN)
+    if not (_is_int(c.end_step) and c.end_step > c.start_step):
+      raise ValueError(f"schedule='dynamic' needs an int end_step > start_step="
+                       f'{c.start_step} (topology updates stop there); got {c.end_step!r}.')
+    if not (isinstance(c.drop_fraction, (int, float)) and 0 <= c.drop_fraction <= 1):
+      raise ValueError(f'drop_fraction={c.drop_fraction!r} must be in [0, 1] (0 = static '
+                       'sparse training).')
+    if c.n_m is not None or c.structure is not None or c.scope != 'layer':
+      raise ValueError("schedule='dynamic' moves single weights within each layer: it needs "
+                       f"scope='layer' and no n_m or structure (got scope={c.scope!r}, "
+                       f'n_m={c.n_m!r}, structure={c.structure!r}).')
   if c.schedule == 'gmp' and c.n_m is None and (c.end_step - c.start_step) % c.update_every:
     last = c.end_step - (c.end_step - c.start_step) % c.update_every
     warnings.warn(f'end_step - start_step = {c.end_step - c.start_step} is not a multiple of '
@@ -132,6 +157,10 @@ def _counts(c: _Config, units, shapes, s, xp):
   """Entries (groups) to prune per row of each unit at overall sparsity s."""
   if c.n_m is not None:
     return xp.full((len(units),), c.n_m[1] - c.n_m[0], dtype=xp.int32)
+  if c.schedule == 'dynamic':             # per row: each expert, or each output neuron
+    shapes = [shapes[u.leaves[0]] for u in units]
+    frac = 1 - dist_lib.erk_densities(shapes, s, xp) if c.distribution == 'erk' else s
+    return xp.round(frac * xp.asarray([u.groups for u in units])).astype(xp.int32)
   if c.structure is not None:
     return xp.round(s * xp.asarray([u.groups for u in units])).astype(xp.int32)
   if c.scope == 'global':
@@ -148,14 +177,23 @@ def _plan(c: _Config, paths, vals) -> _Plan:
     units = unit_lib.structured_units(idx, paths, shapes, c.structure, c.num_heads)
   elif c.n_m is not None:
     units = unit_lib.n_m_units(idx, paths, shapes, *c.n_m)
+  elif c.schedule == 'dynamic':
+    units = unit_lib.row_units(idx, paths, shapes, c.fan_in)
   else:
     units = unit_lib.element_units(idx, shapes)
   pruned = tuple(sorted(i for u in units for i in u.leaves))
-  one_shot = c.schedule == 'one_shot' or c.n_m is not None
-  steps = tuple(schedule_lib.update_steps('one_shot' if one_shot else 'gmp', c.start_step,
-                                          c.end_step, c.update_every))
+  sched = 'one_shot' if c.n_m is not None else c.schedule
+  steps = tuple(schedule_lib.update_steps(sched, c.start_step, c.end_step, c.update_every))
   table = None
-  if units and len(steps) <= MAX_TABLE_STEPS:
+  if c.schedule == 'dynamic':             # one budget, at start_step and ever after
+    table = _counts(c, units, shapes, c.sparsity, np)[None]
+    for u, zeros in zip(units, table[0]):
+      if zeros >= u.groups:
+        raise ValueError(
+            f'dynamic sparsity {c.sparsity} leaves leaf {path_str(paths[u.leaves[0]])} '
+            f'{tuple(shapes[u.leaves[0]])} no weight in a row of {u.groups} '
+            f"(fan_in={c.fan_in!r}); lower sparsity or exclude the leaf with prunable=.")
+  elif units and len(steps) <= MAX_TABLE_STEPS:
     table = np.stack([_counts(c, units, shapes, _host_sparsity(c, t), np)
                       for t in steps])
   return _Plan(tuple(units), pruned, shapes, steps, table)
@@ -181,6 +219,7 @@ def _recompute(c: _Config, plan: _Plan, vals, grads, old, step):
   elem = score_lib.element_scores(c.method, vals, grads, plan.pruned, c.seed)
   k = jnp.clip((step - c.start_step) // c.update_every, 0, len(plan.steps) - 1)
   if plan.table is not None:
+    k = jnp.minimum(k, plan.table.shape[0] - 1)
     counts = jnp.asarray(plan.table)[k]
   else:
     counts = _counts(c, plan.units, plan.shapes, _device_sparsity(c, k), jnp)
@@ -201,6 +240,40 @@ def _recompute(c: _Config, plan: _Plan, vals, grads, old, step):
   return new
 
 
+def _drop_and_grow(c: _Config, plan: _Plan, vals, grads, old, step):
+  """(new masks, grown masks) of the pruned leaves after one topology update."""
+  frac = dynamic.drop_fraction(step, alpha=c.drop_fraction, start_step=c.start_step,
+                               end_step=c.end_step)
+  key = jax.random.fold_in(jax.random.key(c.seed), step)
+  pos = {i: k for k, i in enumerate(plan.pruned)}
+  new, grown = list(old), list(old)
+  for u, zeros in zip(plan.units, plan.table[0]):
+    (i,) = u.leaves
+    num_swap = jnp.round(frac * (u.groups - int(zeros))).astype(jnp.int32)
+    score = dynamic.grow_scores(c.regrow, grads[pos[i]], jax.random.fold_in(key, i))
+    active, born = dynamic.drop_and_grow(u.scores([old[pos[i]]]),
+                                         u.scores([jnp.abs(vals[pos[i]])]),
+                                         u.scores([score]), int(zeros), num_swap)
+    (new[pos[i]],), (grown[pos[i]],) = u.masks(active, plan.shapes), u.masks(born, plan.shapes)
+  return new, grown
+
+
+def _zero_where(tree, params_def, grown):
+  """Zero the `grown` entries of every params-shaped subtree of `tree` (an optimizer
+  state's moments); grown lists a bool array or None per params leaf."""
+  def like_params(x):
+    return jax.tree.structure(x, is_leaf=is_variable) == params_def
+
+  def reset(x):
+    if not like_params(x):
+      return x
+    leaves, treedef = jax.tree.flatten(x, is_leaf=is_variable)
+    return _rewrap(treedef, x, [unwrap(v) if g is None else
+                                jnp.where(g, jnp.zeros((), unwrap(v).dtype), unwrap(v))
+                                for v, g in zip(leaves, grown)])
+  return jax.tree.map(reset, tree, is_leaf=like_params)
+
+
 def _is_update_step(c: _Config, plan: _Plan, step):
   if len(plan.steps) == 1:
     return step == plan.steps[0]
@@ -213,8 +286,9 @@ def wrap(inner: optax.GradientTransformation, sparsity: float = 0.0,
          end_step: int | None = None, update_every: int = 100,
          distribution: str = 'uniform', scope: str = 'layer',
          n_m: tuple[int, int] | None = None, prunable: Callable | None = None, *,
-         seed: int = 0, structure: str | None = None,
-         num_heads: int | None = None) -> optax.GradientTransformationExtraArgs:
+         seed: int = 0, structure: str | None = None, num_heads: int | None = None,
+         regrow: str = 'gradient', fan_in: str = 'any',
+         drop_fraction: float = 0.3) -> optax.GradientTransformationExtraArgs:
   """Prune the params `inner` optimizes; see the module docstring and the README (pruning).
 
   Args:
@@ -222,7 +296,9 @@ def wrap(inner: optax.GradientTransformation, sparsity: float = 0.0,
     sparsity: overall target in [0, 1). A unit pruned to s has round(s * size) zeros.
     method: 'magnitude' |w|, 'random' (from `seed`), 'saliency' |w * grad|.
     schedule: 'gmp' (cubic, masks recomputed every `update_every` steps from start_step
-      to end_step, fixed after) or 'one_shot' (once, at start_step).
+      to end_step, fixed after), 'one_shot' (once, at start_step) or 'dynamic' (at
+      `sparsity` from start_step on, topology updates every `update_every` steps
+      until end_step; see regrow, fan_in, drop_fraction).
     distribution: 'uniform' (each unit at s) or 'erk' (distribution.py; stacked experts
       use the per-expert kernel shape). Ignored with scope='global'.
     scope: 'layer' (each leaf to its own target) or 'global' (one threshold over all
@@ -238,11 +314,18 @@ def wrap(inner: optax.GradientTransformation, sparsity: float = 0.0,
     structure: None, or prune whole groups of the TransformerLM (structured.py):
       'ffn_neurons' (per expert for stacked experts), 'heads' (needs num_heads) or
       'experts'; each layer loses round(s * groups) groups on the same schedule.
+    regrow: schedule='dynamic' grows where |grad| is largest ('gradient', RigL) or at
+      random ('random', SET).
+    fan_in: 'any' (each kernel, each expert of a stack, keeps round((1-s_l)*size) weights)
+      or 'constant' (each output neuron keeps round((1-s_l)*in) inputs, SRigL).
+    drop_fraction: alpha; an update moves round(alpha/2*(1+cos(pi*t/T))*K) of the K
+      weights of every row, t = step - start_step, T = end_step - start_step.
   Returns a GradientTransformation whose state is a PruneState; update needs params.
   """
   c = _Config(sparsity, method, schedule, start_step, end_step, update_every,
               distribution, scope, tuple(n_m) if isinstance(n_m, list) else n_m,
-              prunable or default_prunable, seed, structure, num_heads)
+              prunable or default_prunable, seed, structure, num_heads, regrow, fan_in,
+              drop_fraction)
   _validate(c)
   inner = optax.with_extra_args_support(inner)
   cache: dict = {}
@@ -277,14 +360,23 @@ def wrap(inner: optax.GradientTransformation, sparsity: float = 0.0,
       raise ValueError(f'params ({len(vals)} leaves), grads ({len(grads)}) and the pruning '
                        f'state ({len(old)} masks) do not have the same structure.')
     grads, old = [unwrap(g) for g in grads], [unwrap(m) for m in old]
-    masks = list(old)
+    masks, grown = list(old), [None] * len(old)
     if plan.pruned:
       sel = lambda xs: [xs[i] for i in plan.pruned]
-      new = jax.lax.cond(
-          _is_update_step(c, plan, state.step),
-          lambda v, g, m, t: _recompute(c, plan, v, g, m, t),
-          lambda v, g, m, t: m,
-          sel(vals), sel(grads), sel(old), state.step)
+      args = sel(vals), sel(grads), sel(old), state.step
+      if c.schedule == 'dynamic':
+        none = lambda v, g, m, t: (m, [jnp.zeros_like(x) for x in m])
+        first = lambda v, g, m, t: (_recompute(c, plan, v, g, m, t), none(v, g, m, t)[1])
+        move = lambda v, g, m, t: _drop_and_grow(c, plan, v, g, m, t)
+        branch = jnp.where(state.step == c.start_step, 1,
+                           jnp.where(_is_update_step(c, plan, state.step), 2, 0))
+        new, born = jax.lax.switch(branch, [none, first, move], *args)
+        for i, b in zip(plan.pruned, born):
+          grown[i] = b
+      else:
+        new = jax.lax.cond(_is_update_step(c, plan, state.step),
+                           lambda v, g, m, t: _recompute(c, plan, v, g, m, t),
+                           lambda v, g, m, t: m, *args)
       for i, m in zip(plan.pruned, new):
         masks[i] = m
     masked = [g if m is None else jnp.where(m, g, jnp.zeros((), g.dtype))
@@ -292,8 +384,13 @@ def wrap(inner: optax.GradientTransformation, sparsity: float = 0.0,
     inner_updates, inner_state = inner.update(
         _rewrap(g_def, updates, masked), state.inner, params, **extra_args)
     u_leaves, u_def = jax.tree.flatten(inner_updates, is_leaf=is_variable)
-    final = [unwrap(u) if m is None else jnp.where(m, unwrap(u), -p.astype(unwrap(u).dtype))
-             for u, m, p in zip(u_leaves, masks, vals)]
+    # Pruned and just-grown entries end at exactly 0.
+    final = [unwrap(u) if m is None else
+             jnp.where(m if b is None else m & ~b, unwrap(u), -p.astype(unwrap(u).dtype))
+             for u, m, b, p in zip(u_leaves, masks, grown, vals)]
+    if c.schedule == 'dynamic':
+      inner_state = _zero_where(inner_state, jax.tree.structure(params, is_leaf=is_variable),
+                                grown)
     return (_rewrap(u_def, inner_updates, final),
             PruneState(state.step + 1, m_def.unflatten(masks), inner_state))
 

@@ -1,0 +1,308 @@
+"""Compress a trained model: one-shot pruning or expert pruning, into a new workdir.
+
+  python -m sparse_jax.compress --workdir=SRC --out=DST --method=wanda --sparsity=0.5
+  python -m sparse_jax.compress --workdir=SRC --out=DST --method=sparsegpt --n_m=2:4
+  python -m sparse_jax.compress --workdir=SRC --out=DST --method=experts --keep=6 \\
+      --score=reap [--merge]
+
+Reads SRC's newest good checkpoint (SRC is never written), prunes with
+--calibration_batches batches of the training split as calibration data, prints the
+validation loss before and after, and writes DST: a checkpoint at SRC's step (model,
+optimizer state, data position) with the config of the compressed model, and
+DST/config.py, so that
+
+  python -m sparse_jax.train --config=DST/config.py --workdir=DST --config.train.steps=N
+
+evaluates and continues training it (a recovery fine-tune). One-shot methods
+(sparse_jax.pruning.post_training) keep their masks through that training (a one-shot
+pruner whose step has passed); --method=experts keeps the `keep` best experts of every
+MoE block (sparse_jax.pruning.experts) and compacts them, router columns and optimizer
+state included (compaction.compact_experts). A bad flag exits 2 with one line.
+"""
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import sys
+from typing import NamedTuple
+
+import jax                     # imported, not started: --cpu_devices is applied in main()
+import numpy as np
+from absl import flags, logging
+from flax import nnx
+
+from sparse_jax import data, pruning
+from sparse_jax.config import ConfigError, parse_n_m, resolve, validate
+from sparse_jax.pruning import compaction, experts, post_training
+from sparse_jax.training import checkpoint, loop
+from sparse_jax.training.steps import build
+
+FLAGS = flags.FlagValues()       # its own: importing this next to sparse_jax.train is fine
+ONE_SHOT = ('magnitude', 'wanda', 'sparsegpt')     # pruning.post_training.METHODS
+SCORES = ('frequency', 'reap')                     # pruning.experts.SCORES
+_DEFINE = dict(flag_values=FLAGS)
+flags.DEFINE_string('workdir', None, 'The trained run to read (never modified).', **_DEFINE)
+flags.DEFINE_string('out', None, 'A new directory for the compressed model.', **_DEFINE)
+flags.DEFINE_string('method', None, f'One of {ONE_SHOT + ("experts",)}.', **_DEFINE)
+flags.DEFINE_float('sparsity', None, 'One-shot: zeros per kernel, in [0, 1).', **_DEFINE)
+flags.DEFINE_string('n_m', None, "One-shot: 'N:M' along the inputs, e.g. 2:4.", **_DEFINE)
+flags.DEFINE_string('targets', 'all', "One-shot: 'all', 'ffn' or 'attn' kernels.", **_DEFINE)
+flags.DEFINE_integer('block_size', 128, 'SparseGPT: columns per block.', lower_bound=1,
+                     **_DEFINE)
+flags.DEFINE_float('damp', 0.01, 'SparseGPT: dampening, a fraction of mean(diag H).',
+                   **_DEFINE)
+flags.DEFINE_integer('keep', None, 'Experts: experts kept in every MoE block.', **_DEFINE)
+flags.DEFINE_string('score', 'frequency', f'Experts: one of {SCORES}.', **_DEFINE)
+flags.DEFINE_bool('merge', False, 'Experts: merge each removed expert into its most similar '
+                  'kept one instead of dropping it.', **_DEFINE)
+flags.DEFINE_integer('calibration_batches', 4, 'Training batches of calibration data.',
+                     **_DEFINE)
+flags.DEFINE_integer('cpu_devices', None, 'Simulate this many CPU devices (CPU only).',
+                     lower_bound=1, **_DEFINE)
+
+CONFIG_PY = '''"""The config of the compressed model in this directory (written by sparse_jax.compress)."""
+import json
+import pathlib
+
+from sparse_jax.config import from_saved
+
+
+def get_config():
+  return from_saved(json.loads(pathlib.Path(__file__).with_name('config.json').read_text()))
+'''
+
+
+class FlagError(ConfigError):
+  """A bad flag or combination of flags; one line (a ConfigError, so that it also passes
+  through Checkpoints.newest)."""
+
+
+class Options(NamedTuple):
+  """What compress() does; the command's flags, one for one."""
+  workdir: str
+  out: str
+  method: str
+  sparsity: float | None = None
+  n_m: str | None = None
+  targets: str = 'all'
+  block_size: int = 128
+  damp: float = 0.01
+  keep: int | None = None
+  score: str = 'frequency'
+  merge: bool = False
+  calibration_batches: int = 4
+
+
+def check_options(f: Options) -> tuple[int, int] | None:
+  """Checks the options that need no JAX (FlagError, one line); returns the parsed n_m."""
+  if f.method not in ONE_SHOT + ('experts',):
+    raise FlagError(f'--method={f.method!r} is unknown; use one of {ONE_SHOT + ("experts",)}')
+  if f.score not in SCORES or f.targets not in ('all', 'ffn', 'attn'):
+    raise FlagError(f'--score={f.score!r} / --targets={f.targets!r}: use one of {SCORES} / '
+                    "('all', 'ffn', 'attn')")
+  if not f.workdir or not f.out or not f.method:
+    raise FlagError('--workdir, --out and --method are required, e.g. --workdir=runs/dense '
+                    '--out=runs/dense_wanda50 --method=wanda --sparsity=0.5')
+  src, dst = pathlib.Path(f.workdir).resolve(), pathlib.Path(f.out).resolve()
+  if src == dst or src in dst.parents:
+    raise FlagError(f'--out={f.out} must lie outside --workdir={f.workdir} (the source is '
+                    'never written)')
+  if dst.exists() and any(dst.iterdir()):
+    raise FlagError(f'--out={f.out} already holds files; give a new directory')
+  if f.calibration_batches < 1:
+    raise FlagError(f'--calibration_batches={f.calibration_batches} must be >= 1')
+  n_m = None
+  if f.method == 'experts':
+    if f.keep is None or f.sparsity is not None or f.n_m:
+      raise FlagError('--method=experts takes --keep=N (and --score, --merge), not '
+                      '--sparsity or --n_m')
+    return None
+  if f.keep is not None:
+    raise FlagError(f'--keep is for --method=experts; --method={f.method} takes --sparsity '
+                    'or --n_m')
+  if (f.sparsity is None) == (not f.n_m):
+    raise FlagError(f'--method={f.method} needs exactly one of --sparsity=S and --n_m=N:M')
+  if f.sparsity is not None and not 0 <= f.sparsity < 1:
+    raise FlagError(f'--sparsity={f.sparsity} must be in [0, 1)')
+  if f.n_m:
+    try:
+      n_m = parse_n_m(f.n_m)
+    except ValueError:
+      raise FlagError(f"--n_m={f.n_m!r} must look like 'N:M', e.g. 2:4") from None
+    if not 0 < n_m[0] < n_m[1]:
+      raise FlagError(f'--n_m={f.n_m} needs 0 < N < M, e.g. 2:4')
+  if f.damp < 0:
+    raise FlagError(f'--damp={f.damp} must be >= 0')
+  return n_m
+
+
+def calibration_tokens(spec, batches: int):
+  """int32[batches * batch_size, seq_len] from the training split (seeded, shuffled)."""
+  it = data.make_iterator(spec.data_source, 'train', seq_len=spec.train.seq_len,
+                          batch_size=spec.train.batch_size, seed=spec.seed, shuffle=True,
+                          repeat=True, data_dir=spec.data_dir)
+  out = np.concatenate([next(it)['inputs'] for _ in range(batches)])
+  it.close()
+  return out
+
+
+def transplant(template, source, masks: dict, step) -> nnx.State:
+  """The (model, optimizer) state `template` filled from `source` by path: a pruner the
+  source lacks gets `masks` and its step set to `step` (so a one-shot mask is never
+  recomputed); the inner optimizer state moves under or out of the pruner's."""
+  src = {p: (v[...] if isinstance(v, nnx.Variable) else v) for p, v in nnx.to_flat_state(source)}
+  pruned_src = any(p[:3] == (1, 'opt_state', 'inner') for p in src)
+  out = []
+  for path, var in nnx.to_flat_state(template):
+    key = path
+    if path[:3] == (1, 'opt_state', 'masks') and path[3:] in masks:
+      value = masks[path[3:]]
+    elif path == (1, 'opt_state', 'step') and not pruned_src:
+      value = step
+    else:
+      if path[:3] == (1, 'opt_state', 'inner') and not pruned_src:
+        key = (1, 'opt_state') + path[3:]
+      elif path[:2] == (1, 'opt_state') and path[2:3] != ('inner',) and pruned_src:
+        key = (1, 'opt_state', 'inner') + path[2:]
+      value = src[key]
+    want = var[...] if isinstance(var, nnx.Variable) else var
+    if tuple(value.shape) != tuple(want.shape):
+      raise ValueError(f'{"/".join(map(str, path))}: {tuple(value.shape)} does not fit the '
+                       f'compressed model\'s {tuple(want.shape)}')
+    out.append((path, var.replace(value) if isinstance(var, nnx.Variable) else value))
+  return nnx.from_flat_state(out)
+
+
+def _sizes(model) -> tuple[int, int]:
+  """(parameters, non-zero parameters), embeddings included."""
+  leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
+  return sum(x.size for x in leaves), int(sum(np.count_nonzero(x) for x in leaves))
+
+
+def compress(f: Options) -> dict:
+  """Compresses f.workdir into f.out (see the module docstring); returns the record it
+  also writes to f.out/compress.json: before/after validation loss, bits per byte,
+  (parameters, non-zero parameters), and the kept experts and their scores."""
+  n_m = check_options(f)
+
+  src_dir, dst_dir = pathlib.Path(f.workdir), pathlib.Path(f.out)
+  if not (src_dir / 'checkpoints').is_dir():
+    raise checkpoint.NoCheckpointError(f'--workdir={f.workdir} has no checkpoints/ to '
+                                       'compress; train it first')
+  src = checkpoint.Checkpoints(src_dir)
+  loaded = {}
+
+  def load(step):
+    config = src.config(step)
+    spec = resolve(config, jax.device_count(), jax.process_count())
+    moe = spec.model.moe
+    if f.method == 'experts' and not (moe and moe.k <= f.keep < moe.num_experts):
+      raise FlagError(f'--keep={f.keep} must be at least k={moe.k} and below the '
+                      f'{moe.num_experts} experts of the model in --workdir={f.workdir}'
+                      if moe else f'--method=experts: --workdir={f.workdir} holds a dense '
+                      'model')
+    mesh = loop.make_mesh(spec)
+    steps = build(spec, mesh)
+    it = loop.data_iterator(spec, 'train', train=True)
+    state = src.restore(step, steps.state, steps.shardings, it)
+    loaded.update(config=config, spec=spec, mesh=mesh, steps=steps, it=it)
+    return state
+
+  step, state = src.newest(load)
+  src.close()
+  if step is None:
+    raise checkpoint.NoCheckpointError(f'--workdir={f.workdir} holds no readable checkpoint')
+  config, spec, mesh, it = loaded['config'], loaded['spec'], loaded['mesh'], loaded['it']
+  model, opt = nnx.merge(loaded['steps'].graphdef, state)
+  tokens = calibration_tokens(spec, f.calibration_batches)
+  before = {**loop.evaluate(spec, model, mesh), 'params': _sizes(model)}
+  new = config.copy_and_resolve_references()
+  masks = {}
+  source = nnx.state((model, opt))
+  if f.method == 'experts':
+    e = spec.model.moe.num_experts
+    scores = experts.expert_scores(model, tokens, f.score)
+    kept = experts.choose(scores, f.keep, spec.model.moe.k)
+    if f.merge:
+      experts.merge_into_kept(model, kept, experts.expert_scores(model, tokens, 'frequency'))
+      source = nnx.state((model, opt))
+    source = compaction.compact_experts(source, kept)
+    new.moe.num_experts = f.keep
+    new.moe.capacity_factor = config.moe.capacity_factor * f.keep / e   # same slots
+    new.mesh.expert = math.gcd(spec.mesh['expert'], f.keep)
+    new.mesh.data = -1
+    record = {'kept': {str(i): v.tolist() for i, v in kept.items()},
+              'scores': {str(i): v.tolist() for i, v in scores.items()}}
+  else:
+    prunable = pruning.paths.prunable_in(f.targets)
+    options = dict(block_size=f.block_size, damp=f.damp) if f.method == 'sparsegpt' else {}
+    try:
+      masks = post_training.prune_model(model, tokens, method=f.method, sparsity=f.sparsity,
+                                        n_m=n_m, prunable=prunable, **options)
+    except ValueError as e:           # e.g. an M that does not divide a kernel's inputs
+      raise FlagError(e) from None
+    source = nnx.state((model, opt))
+    new.pruning.update(sparsity=f.sparsity or 0.0, n_m=f'{n_m[0]}:{n_m[1]}' if n_m else '',
+                       schedule='one_shot', start_step=0, targets=f.targets,
+                       method='magnitude', structure='')
+    record = {'masks': len(masks)}
+  validate(new, jax.device_count(), jax.process_count())
+  new_spec = resolve(new, jax.device_count(), jax.process_count())
+  new_mesh = loop.make_mesh(new_spec)
+  new_steps = build(new_spec, new_mesh)
+  count = nnx.to_flat_state(nnx.state(opt))
+  count = next(v[...] for p, v in count if p == ('step',))
+  state = jax.device_put(transplant(new_steps.state, source, masks, count),
+                         new_steps.shardings)
+  dst = checkpoint.Checkpoints(dst_dir, keep=new.train.keep_checkpoints)
+  dst.save(step, state, it, new, wait=True)
+  dst.close()
+  it.close()
+  small, _ = nnx.merge(new_steps.graphdef, state)
+  after = {**loop.evaluate(new_spec, small, new_mesh), 'params': _sizes(small)}
+  (dst_dir / 'config.json').write_text(new.to_json())
+  (dst_dir / 'config.py').write_text(CONFIG_PY)
+
+  result = {'source': str(src_dir), 'step': step, 'method': f.method,
+            'flags': {k: getattr(f, k) for k in ('sparsity', 'n_m', 'targets', 'keep', 'score',
+                                                 'merge', 'calibration_batches')},
+            **{name: {'val_loss': r['loss'], 'bpb': r['bpb'], 'params': r['params']}
+               for name, r in (('before', before), ('after', after))}, **record}
+  (dst_dir / 'compress.json').write_text(json.dumps(result, indent=1, default=float))
+  return result
+
+
+def main(argv=None):
+  argv = sys.argv if argv is None else argv
+  try:
+    FLAGS(argv)
+    options = Options(**{k: FLAGS[k].value for k in Options._fields})
+    check_options(options)
+  except (flags.Error, FlagError) as e:
+    _die(e)
+  logging.set_verbosity(logging.ERROR)
+  logging.get_absl_handler().addFilter(lambda r: '/orbax/' not in r.pathname)
+  if FLAGS.cpu_devices:
+    jax.config.update('jax_num_cpu_devices', FLAGS.cpu_devices)
+  try:
+    r = compress(options)
+  except (FlagError, ConfigError, checkpoint.NoCheckpointError, loop.DataError) as e:
+    _die(e)
+  b, a = r['before'], r['after']
+  print(f"\n{'':8}{'val loss':>10}{'bits/byte':>11}{'params':>12}{'non-zero':>12}")
+  for name, row in (('before', b), ('after', a)):
+    print(f"{name:8}{row['val_loss']:>10.4f}{row['bpb']:>11.4f}{row['params'][0]:>12,}"
+          f"{row['params'][1]:>12,}")
+  print(f'\nwrote {FLAGS.out} (step {r["step"]}); continue training it with\n  python -m '
+        f'sparse_jax.train --config={pathlib.Path(FLAGS.out) / "config.py"} '
+        f'--workdir={FLAGS.out} --config.train.steps=N')
+
+
+def _die(message, code: int = 2):
+  print(f'error: {" ".join(str(message).split())}', file=sys.stderr)
+  sys.exit(code)
+
+
+if __name__ == '__main__':
+  main()

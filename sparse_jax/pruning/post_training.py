@@ -1,0 +1,105 @@
+"""One-shot pruning of a trained TransformerLM from calibration tokens, block by block.
+
+Each kernel is pruned by oneshot.py (magnitude, Wanda or SparseGPT) from the inputs it
+sees on the calibration tokens, and those inputs come from the blocks below as already
+pruned (SparseGPT's and Wanda's sequential scheme); inside a block the attention is pruned
+first, so the FFN sees the pruned attention's output:
+
+  attention  wq, wk, wv <- norm(x);  wo <- the attention context (heads concatenated)
+  dense FFN  wi (wi_gate) <- norm(x');  wo <- the hidden units act(norm(x') @ wi)
+  experts    expert e's kernels <- the rows routed to e and kept (their hidden units for
+             wo); an expert no calibration token reaches is pruned by magnitude
+  shared     as a dense FFN
+
+Shape legend: N calibration rows (tokens), D d_model, F d_ff, E experts.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sparse_jax.layers import DenseFFN, ffn_hidden
+from sparse_jax.moe import MoE
+from sparse_jax.pruning import oneshot
+from sparse_jax.pruning.paths import default_prunable
+
+PRUNERS = {'magnitude': oneshot.magnitude, 'wanda': oneshot.wanda,
+           'sparsegpt': oneshot.sparsegpt}
+METHODS = tuple(PRUNERS)
+
+
+def _context(attn, a):
+  """The attention's input to wo, [B, L, H*Dh]: the layer itself with wo = identity."""
+  probe = copy.copy(attn)                              # a shallow copy: attn keeps its wo
+  inner = attn.wo.shape[0]
+  probe.wo = nnx.Param(jnp.eye(inner, dtype=attn.wo[...].dtype))
+  return probe(a)
+
+
+def prune_model(model, tokens, *, method: str, sparsity: float | None = None,
+                n_m: tuple[int, int] | None = None, prunable: Callable = default_prunable,
+                **options) -> dict[tuple, jax.Array]:
+  """Prunes the prunable kernels of `model` in place; returns {path: bool mask}.
+
+  tokens i32[B, L]: the calibration batch. method: METHODS; exactly one of sparsity
+  (per kernel: see oneshot.py for each method's comparison group) and n_m. options go to
+  the method (SparseGPT's block_size, damp). prunable(path, leaf) picks the kernels, with
+  the paths of pruning.masks (e.g. ('blocks', 1, 'ffn', 'experts', 'wi')).
+  """
+  if method not in PRUNERS:
+    raise ValueError(f'method={method!r} is unknown; use one of {METHODS}.')
+  masks = {}
+
+  def prune(path, var, x, index=None):
+    """Prune var[...] (or its slice `index`, one expert) from inputs x [N, in]."""
+    w = var[...] if index is None else var[...][index]
+    if not prunable(path, var[...]):
+      return
+    fn = PRUNERS[method] if x.shape[0] else oneshot.magnitude
+    new, mask = fn(w, x.reshape(-1, x.shape[-1]).astype(jnp.float32), sparsity=sparsity,
+                   n_m=n_m, **(options if fn is oneshot.sparsegpt else {}))
+    if index is None:
+      var[...], masks[path] = new.astype(var[...].dtype), mask
+    else:
+      var[...] = var[...].at[index].set(new.astype(var[...].dtype))
+      masks[path] = masks.get(path, jnp.ones(var[...].shape, bool)).at[index].set(mask)
+
+  def prune_ffn(path, layer: DenseFFN, x):
+    for name in layer.weights():
+      if name != 'wo':
+        prune(path + (name,), getattr(layer, name), x)
+    prune(path + ('wo',), layer.wo, ffn_hidden(layer.weights(), x, layer.activation))
+
+  x = jnp.take(model.embed[...], tokens, axis=0).astype(model.dtype)     # [B, L, D]
+  for i, block in enumerate(model.blocks):
+    at = ('blocks', i)
+    a = block.attn_norm(x)
+    for name in ('wq', 'wk', 'wv'):
+      prune(at + ('attn', name), getattr(block.attn, name), a)
+    prune(at + ('attn', 'wo'), block.attn.wo, _context(block.attn, a))
+    h = block.ffn_norm(x + block.attn(a))
+    rows = h.reshape(-1, h.shape[-1])                                    # [N, D]
+    if isinstance(block.ffn, MoE):
+      moe = block.ffn
+      plan, _ = moe.route(h)
+      expert = np.asarray(jnp.where(plan.kept, plan.expert, -1)).reshape(rows.shape[0], -1)
+      for e in range(moe.num_experts):
+        xe = rows[np.flatnonzero((expert == e).any(axis=1))]             # [N_e, D]
+        w = {n: v[e] for n, v in moe.experts.weights().items()}
+        for name in w:
+          if name != 'wo':
+            prune(at + ('ffn', 'experts', name), getattr(moe.experts, name), xe, e)
+        w = {n: v[e] for n, v in moe.experts.weights().items()}
+        prune(at + ('ffn', 'experts', 'wo'), moe.experts.wo,
+              ffn_hidden(w, xe, moe.experts.activation), e)
+      if moe.shared is not None:
+        prune_ffn(at + ('ffn', 'shared'), moe.shared, rows)
+    else:
+      prune_ffn(at + ('ffn',), block.ffn, rows)
+    x, _ = block(x, train=False)                     # the next block sees this one pruned
+  return masks
