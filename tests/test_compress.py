@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sparse_jax import compress, data
+from sparse_jax import compress
 from sparse_jax.config import load_config, resolve
 from sparse_jax.layers import ffn
 from sparse_jax.models import TransformerLM
@@ -148,15 +148,13 @@ def test_prune_model_prunes_every_kernel_in_n_m(method):
 # --- end to end -----------------------------------------------------------------------
 
 @pytest.fixture(scope='module')
-def trained(tmp_path_factory):
-  d = os.environ.get('SPARSE_JAX_DATA') or str(tmp_path_factory.mktemp('data'))
-  data.prepare('stdlib', d, verbose=False)
+def trained(tmp_path_factory, data_dir):
   c = load_config(TINY)
-  c.data.data_dir = d
+  c.data.data_dir = data_dir
   c.train.update(steps=4, checkpoint_every=4, eval_every=4)
   workdir = tmp_path_factory.mktemp('src')
   assert loop.train(c, workdir) == 0
-  return workdir, d
+  return workdir, data_dir
 
 
 def _snapshot(d):

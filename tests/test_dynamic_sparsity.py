@@ -2,7 +2,6 @@
 invariants by hand counts and a NumPy replay of each topology update, and in training."""
 import json
 import math
-import os
 import shutil
 
 import jax
@@ -11,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from sparse_jax import data, pruning, sharding
+from sparse_jax import pruning, sharding
 from sparse_jax.config import load_config
 from sparse_jax.pruning import dynamic
 from sparse_jax.training import checkpoint, loop
@@ -133,11 +132,9 @@ def test_dynamic_sparsity_errors():
 
 
 @pytest.mark.slow
-def test_dynamic_sparse_training_trains_a_moe_and_resumes_with_its_masks(tmp_path):
+def test_dynamic_sparse_training_trains_a_moe_and_resumes_with_its_masks(tmp_path, data_dir):
   """Through the trainer: experts included (per-expert budgets), constant fan-in, and a
   resume from the middle reproduces the straight run's trace and masks."""
-  data_dir = os.environ.get('SPARSE_JAX_DATA') or str(tmp_path / 'data')
-  data.prepare('stdlib', data_dir, verbose=False)
   c = load_config('configs/tiny.py')
   c.data.data_dir = data_dir
   c.train.update(steps=12, checkpoint_every=6, eval_every=12, keep_checkpoints=2)

@@ -20,19 +20,12 @@ import pytest
 from flax import nnx
 
 import sparse_jax as sj
-from sparse_jax import data, digests, layers, models, pruning
+from sparse_jax import digests, layers, models, pruning
 from sparse_jax.config import ConfigError, base_config, load_config, model_spec
 from sparse_jax.training import checkpoint, loop
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = ROOT / 'configs' / 'tiny.py'
-
-
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  d = os.environ.get('SPARSE_JAX_DATA') or str(tmp_path_factory.mktemp('data'))
-  data.prepare('stdlib', d, verbose=False)
-  return d
 
 
 def _config(data_dir, **train):
@@ -144,13 +137,13 @@ def test_a_reader_skips_a_damaged_checkpoint_and_changes_nothing(
   assert spec.model.d_model == 32 and model is not None
 
 
-def _mount_tmpfs(path, size):
+def _mount_tmpfs(path, size, *options):
   path.mkdir()
   try:
-    subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size}', 'tmpfs', str(path)],
-                   check=True, capture_output=True)
+    subprocess.run(['mount', '-t', 'tmpfs', '-o', ','.join((f'size={size}',) + options),
+                    'tmpfs', str(path)], check=True, capture_output=True)
   except (OSError, subprocess.CalledProcessError) as e:
-    pytest.skip(f'a small tmpfs (disk full) needs root and mount: {e}')
+    pytest.skip(f'mounting a tmpfs needs root and mount(8): {e}')
 
 
 class _SlowBar:
@@ -295,6 +288,21 @@ def test_cli_mistakes_exit_2_with_one_line(tmp_path, data_dir, flags, words):
   assert r.returncode == 2, r.stderr
   (line,) = [l for l in r.stderr.splitlines() if l.strip()]
   assert line.startswith('error: ') and all(w in line for w in words), line
+
+
+def test_a_read_only_filesystem_is_refused_in_one_line(tmp_path):
+  ro = tmp_path / 'ro'
+  _mount_tmpfs(ro, '1m', 'ro')
+  try:
+    with pytest.raises(loop.WorkdirError, match=r'cannot write to --workdir=.*Read-only file '
+                                                r'system; give a directory on a writable'):
+      loop.train(_config(''), ro / 'run')
+    c = _config(str(ro / 'data'))
+    with pytest.raises(loop.DataError, match=r'cannot build the stdlib_py corpus in .*: '
+                                             r'Read-only file system; point'):
+      loop.train(c, tmp_path / 'run')
+  finally:
+    subprocess.run(['umount', str(ro)], check=False)
 
 
 def test_a_config_file_without_the_base_sections_exits_2(tmp_path):

@@ -27,3 +27,4 @@ def test_pruning_example_runs():
   scope = _run(_block('## Pruning and sparsity'))
   assert abs(float((scope['params']['ffn']['wi'] == 0).mean()) - 0.9) < 1e-3
   assert int(scope['m'].reshape(16, 4, 256).sum(1).max()) == 2
+  assert scope['fan_in'].min() == scope['fan_in'].max() == 16

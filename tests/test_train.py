@@ -14,20 +14,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from sparse_jax import data
 from sparse_jax.training import checkpoint, loop
 from sparse_jax.config import ConfigError, load_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = ROOT / 'configs' / 'tiny.py'
-
-
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  """The embedded corpus, built once for this module (or reused from $SPARSE_JAX_DATA)."""
-  d = os.environ.get('SPARSE_JAX_DATA') or str(tmp_path_factory.mktemp('data'))
-  data.prepare('stdlib', d, verbose=False)
-  return d
 
 
 def _config(data_dir, mesh=None, **train):
