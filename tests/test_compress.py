@@ -132,8 +132,8 @@ def test_merging_averages_into_the_most_similar_kept_expert():
     np.testing.assert_array_equal(got[[0, 2]], base[name][[0, 2]])
 
 
-@pytest.mark.parametrize('method', [m if m == 'wanda' else pytest.param(
-    m, marks=pytest.mark.slow) for m in post_training.METHODS])
+@pytest.mark.slow
+@pytest.mark.parametrize('method', post_training.METHODS)
 def test_prune_model_prunes_every_kernel_in_n_m(method):
   spec = _spec(num_experts=4, k=2)
   model = TransformerLM(spec.model, rngs=nnx.Rngs(0))
@@ -196,6 +196,7 @@ def _cli(*args):
                         env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_compress_command(trained, tmp_path):
   src, _ = trained
   r = _cli(f'--workdir={src}', f'--out={tmp_path / "dst"}', '--method=wanda', '--n_m=2:4',
@@ -210,14 +211,23 @@ def test_compress_command(trained, tmp_path):
     (['--method=wanda', '--sparsity=1.5'], '--sparsity=1.5 must be in [0, 1)'),
     (['--method=wanda', '--n_m=4:2'], '--n_m=4:2 needs 0 < N < M'),
     (['--method=wanda'], 'exactly one of --sparsity=S and --n_m=N:M'),
-    (['--method=experts', '--keep=9', '--cpu_devices=8'], '--keep=9 must be at least k=1'),
     (['--method=sparsegpt', '--sparsity=0.5', '--calibration_batches=0'],
      '--calibration_batches=0 must be >= 1'),
 ])
-def test_compress_mistakes_exit_2_with_one_line(trained, tmp_path, flags, words):
-  src, _ = trained
-  r = _cli(f'--workdir={src}', f'--out={tmp_path / "dst"}', *flags)
+def test_compress_mistakes_exit_2_with_one_line(tmp_path, flags, words):
+  (tmp_path / 'src').mkdir()                # refused before the source is even read
+  r = _cli(f'--workdir={tmp_path / "src"}', f'--out={tmp_path / "dst"}', *flags)
   assert r.returncode == 2 and r.stderr.count('\n') == 1 and words in r.stderr, r.stderr
+  assert not (tmp_path / 'dst').exists()
+
+
+@pytest.mark.slow
+def test_compress_keep_out_of_range_exits_2(trained, tmp_path):
+  src, _ = trained
+  r = _cli(f'--workdir={src}', f'--out={tmp_path / "dst"}', '--method=experts', '--keep=9',
+           '--cpu_devices=8')
+  assert r.returncode == 2 and r.stderr.count('\n') == 1, r.stderr
+  assert '--keep=9 must be at least k=1' in r.stderr
   assert not (tmp_path / 'dst').exists()
 
 

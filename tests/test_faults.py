@@ -146,16 +146,28 @@ def _mount_tmpfs(path, size, *options):
     pytest.skip(f'mounting a tmpfs needs root and mount(8): {e}')
 
 
-class _SlowBar:
-  """A progress bar that makes each step last `seconds` (so that a background save ends
-  within a known number of steps whatever the machine's load) and records the steps."""
+class _FillDisk:
+  """A progress bar that, once checkpoint 20 is finalised, shrinks the workdir's tmpfs to
+  what is used plus 64 kB (room for its manifest; the next save cannot fit, whatever a
+  checkpoint's size), and
+  makes each step last 0.1 s (so a background save ends within a known number of steps
+  whatever the machine's load)."""
 
-  def __init__(self, seconds):
-    self.seconds, self.n = seconds, 0
+  def __init__(self, workdir):
+    self.workdir, self.n = workdir, 0
 
   def update(self, n):
     self.n += n
-    time.sleep(self.seconds)
+    if self.n == 21:
+      deadline = time.time() + 60
+      while not (self.workdir / 'checkpoints' / '20').exists():    # orbax's final rename
+        assert time.time() < deadline
+        time.sleep(0.05)
+      st = os.statvfs(self.workdir)
+      used = (st.f_blocks - st.f_bfree) * st.f_frsize
+      subprocess.run(['mount', '-o', f'remount,size={used // 1024 + 64}k', str(self.workdir)],
+                     check=True)
+    time.sleep(0.1)
 
   def set_postfix(self, **_):
     pass
@@ -167,10 +179,10 @@ class _SlowBar:
 def test_disk_full_during_a_save_exits_1_at_once_with_the_previous_checkpoint(
     data_dir, tmp_path, capsys):
   workdir = tmp_path / 'full'
-  _mount_tmpfs(workdir, '1500k')   # one checkpoint of configs/tiny.py fits, not two
+  _mount_tmpfs(workdir, '32m')
   try:
-    c = _config(data_dir, steps=200, checkpoint_every=20, eval_every=200, log_every=1)
-    bar = _SlowBar(0.1)
+    c = _config(data_dir, steps=200, checkpoint_every=20, eval_every=1000, log_every=1000)
+    bar = _FillDisk(workdir)
     assert loop.train(c, workdir, progress=bar) == 1
     (line,) = _errors(capsys.readouterr().err)
     assert line.startswith('error: saving checkpoint step 40 to ')

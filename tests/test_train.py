@@ -147,6 +147,7 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, data_dir):
   assert sorted(p.name for p in (split / 'checkpoints').iterdir()) == before
 
 
+@pytest.mark.slow
 def test_sigkill_after_first_checkpoint_resumes_and_finishes(tmp_path, data_dir):
   flags = ['--config.train.steps=30', '--config.train.checkpoint_every=5',
            '--config.train.eval_every=30']
