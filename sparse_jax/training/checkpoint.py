@@ -200,7 +200,7 @@ class Checkpoints:
       for partial in self.dir.glob(f'{step}.orbax-checkpoint-tmp*'):
         shutil.rmtree(partial, ignore_errors=True)
     self._mngr.reload()
-    good = next((s for s in self.steps() if self.verified(s)), None)
+    good = self.newest_verified()
     raise SaveError(f'saving checkpoint step {step} to {self.dir} failed: {_one_line(e)}; '
                     f'the newest verified checkpoint is '
                     f'{"step " + str(good) if good is not None else "none"}') from e
