@@ -1,6 +1,7 @@
 """Expert pruning after training (REAP, Lu et al. 2024, MC-SMoE): validation loss of a
-trained switch (top-1) and top-2 MoE vs the share of experts removed, with two expert
-scores (routing frequency, REAP), against the dense model of the same active FLOPs.
+trained switch (top-1) and top-2 MoE vs the share of experts removed, with three expert
+scores (routing frequency, REAP, reconstruction), against the dense model of the same
+active FLOPs.
 
   python experiments/repro_expert_pruning.py --preset=quick   # ~20 min on 2 CPU cores
 
@@ -10,8 +11,9 @@ runs two experts per token, twice the FFN FLOPs in its MoE blocks, so its FLOP m
 looser). Top-2 uses our capacity_factor 0.625 (cf 1.25 in the paper's convention, which
 does not count K; as in repro_switch_table1.py). Each trained MoE is then compressed with
 sparse_jax.compress --method=experts: keep 6 / 4 / 2 of 8 experts in every MoE block (25 /
-50 / 75% removed) by frequency (share of calibration routing choices) or REAP (mean gate
-weight x expert output norm over an expert's choices), on 4 calibration batches of the
+50 / 75% removed) by frequency (share of calibration routing choices), REAP (mean gate
+weight x expert output norm over an expert's choices) or reconstruction (how far the
+block's output moves when the expert alone is removed), on 4 calibration batches of the
 training split, the removed experts dropped; plus frequency with each removed expert
 merged into its most similar kept one, at keep 4. No fine-tune afterwards. 3 seeds.
 """
@@ -33,7 +35,7 @@ from common import fmt
 SEEDS = (0, 1, 2)
 EXPERTS = 8
 KEEPS = (6, 4, 2)
-SCORES = ('frequency', 'reap')
+SCORES = ('frequency', 'reap', 'reconstruction')
 MERGE_KEEP = 4
 CALIBRATION_BATCHES = 4
 # Published [V-abstract / V-2nd]; quoted in the preamble, not comparable numbers.
@@ -129,16 +131,16 @@ def main(argv=None):
         f"{r['increase']:+.4f}" + (f" ± {r['increase_std']:.4f}" if r['increase_std'] else '')
         if r['experts_kept'] != EXPERTS and r['model'] != 'dense' else '–'] for r in rows])
   body += ('\n## Kept experts, seed 0\n\nExpert indices kept in each MoE block by each score '
-           '(overlap = experts both keep).\n\n')
+           '(overlap = experts all three keep).\n\n')
   kept_rows = []
   for m in ('switch', 'top-2'):
     for keep in KEEPS:
-      f, g = by[(m, 'frequency', keep)]['kept_seed0'], by[(m, 'reap', keep)]['kept_seed0']
-      for block in f:
-        kept_rows.append([m, block, keep, f[block], g[block],
-                          f'{len(set(f[block]) & set(g[block]))} of {keep}'])
-  body += common.table(['model', 'block', 'experts kept', 'frequency', 'REAP', 'overlap'],
-                       kept_rows)
+      kept = [by[(m, s, keep)]['kept_seed0'] for s in SCORES]
+      for block in kept[0]:
+        shared = set.intersection(*(set(k[block]) for k in kept))
+        kept_rows.append([m, block, keep, *(k[block] for k in kept),
+                          f'{len(shared)} of {keep}'])
+  body += common.table(['model', 'block', 'experts kept', *SCORES, 'overlap'], kept_rows)
 
   curve = lambda m, s: [by[(m, '–', EXPERTS)]['val_loss']] + [loss(m, s, k) for k in KEEPS]
   verdicts = [(
@@ -147,12 +149,13 @@ def main(argv=None):
           for c in (curve(m, s) for m in ('switch', 'top-2') for s in SCORES)),
       '; '.join(f"{m} {s} " + ' -> '.join(f'{x:.4f}' for x in curve(m, s))
                 for m in ('switch', 'top-2') for s in SCORES))]
-  for m in ('switch', 'top-2'):
-    verdicts.append((
-        f'{m}: REAP <= frequency in loss at every keep',
-        all(loss(m, 'reap', k) <= loss(m, 'frequency', k) for k in KEEPS),
-        ', '.join(f"keep {k}: REAP {loss(m, 'reap', k):.4f} vs frequency "
-                  f"{loss(m, 'frequency', k):.4f}" for k in KEEPS)))
+  for s in SCORES[1:]:
+    for m in ('switch', 'top-2'):
+      verdicts.append((
+          f'{m}: {s} <= frequency in loss at every keep',
+          all(loss(m, s, k) <= loss(m, 'frequency', k) for k in KEEPS),
+          ', '.join(f"keep {k}: {s} {loss(m, s, k):.4f} vs frequency "
+                    f"{loss(m, 'frequency', k):.4f}" for k in KEEPS)))
   for m in ('switch', 'top-2'):
     gap = dense['val_loss'] - by[(m, '–', EXPERTS)]['val_loss']
     verdicts.append((
@@ -170,7 +173,8 @@ def main(argv=None):
           for m in ('switch', 'top-2')),
       ', '.join(f"{m}: merge {loss(m, 'frequency + merge', MERGE_KEEP):.4f} vs drop "
                 f"{loss(m, 'frequency', MERGE_KEEP):.4f}" for m in ('switch', 'top-2'))))
-  common.report('expert_pruning', a, 'Expert pruning: frequency vs REAP, dropping vs merging',
+  common.report('expert_pruning', a,
+                'Expert pruning: frequency vs REAP vs reconstruction, dropping vs merging',
                 meta, rows, body, verdicts)
 
 

@@ -39,8 +39,7 @@ from sparse_jax.training import checkpoint, loop
 from sparse_jax.training.steps import build
 
 FLAGS = flags.FlagValues()       # its own: importing this next to sparse_jax.train is fine
-ONE_SHOT = ('magnitude', 'wanda', 'sparsegpt')     # pruning.post_training.METHODS
-SCORES = ('frequency', 'reap')                     # pruning.experts.SCORES
+ONE_SHOT, SCORES = post_training.METHODS, experts.SCORES
 _DEFINE = dict(flag_values=FLAGS)
 flags.DEFINE_string('workdir', None, 'The trained run to read (never modified).', **_DEFINE)
 flags.DEFINE_string('out', None, 'A new directory for the compressed model.', **_DEFINE)

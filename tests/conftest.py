@@ -4,6 +4,16 @@ import os
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8').strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  # Tests compile many equal programs under fresh jit objects, in two xdist workers and in
+  # subprocesses (which inherit this): one on-disk cache per session compiles each once.
+  import atexit
+  import shutil
+  import tempfile
+  _cache = tempfile.mkdtemp(prefix='sparse_jax_test_xla_cache_')
+  atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+  os.environ.update(JAX_COMPILATION_CACHE_DIR=_cache,
+                    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0.1')
 
 import jax  # noqa: E402
 

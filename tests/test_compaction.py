@@ -45,7 +45,7 @@ def _mask(model, kept, head_dim):
       block.attn.wo[...] = block.attn.wo[...] * keep[:, None]
 
 
-@pytest.mark.parametrize('num_experts', [0, 4])
+@pytest.mark.parametrize('num_experts', [4, pytest.param(0, marks=pytest.mark.slow)])
 def test_compacted_logits_equal_masked_logits(num_experts):
   c = _config(num_experts)
   model = models.TransformerLM(model_spec(c), rngs=nnx.Rngs(0))

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import sparse_jax as sj
 from sparse_jax import compress
-from sparse_jax.config import load_config, resolve
+from sparse_jax.config import load_config, model_spec, resolve
 from sparse_jax.layers import ffn
 from sparse_jax.models import TransformerLM
 from sparse_jax.pruning import compaction, experts, post_training
@@ -33,16 +34,6 @@ def _spec(num_experts=8, k=1, dispatch='index', cf=1.25, num_layers=2):
   return resolve(c, 1)
 
 
-class _MaskedRouter(nnx.Module):
-  """A router whose removed experts' logits are -inf."""
-
-  def __init__(self, router, removed):
-    self.router, self.removed = router, nnx.Variable(jnp.asarray(removed))
-
-  def __call__(self, x, train=False):
-    return jnp.where(self.removed[...], -jnp.inf, self.router(x, train=train))
-
-
 def _tokens(b=4, seed=0):
   return jax.random.randint(jax.random.key(seed), (b, 32), 0, 256)
 
@@ -59,7 +50,7 @@ def test_compacted_experts_equal_masked_experts(k, dispatch):
   nnx.update(small, compaction.compact_experts(nnx.state(model), kept))
   removed = ~np.isin(np.arange(8), KEPT)
   for layer in model.moe_layers().values():
-    layer.router = _MaskedRouter(layer.router, removed)
+    layer.router = experts.MaskedRouter(layer.router, removed)
   tokens = _tokens()
   want, aux_want = model(tokens)
   got, aux_got = small(tokens)
@@ -106,6 +97,59 @@ def test_expert_scores_by_token_loops(k):
   np.testing.assert_allclose(freq, want_f / want_f.sum())
   np.testing.assert_allclose(reap, want_r, rtol=1e-5)
   assert freq.sum() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize('k', [1, 2])
+def test_reconstruction_scores_by_token_loops(k):
+  """Without expert e each token takes the top k of the softmax over the other experts
+  (normalised for k = 2); capacity for all, so nothing drops."""
+  model = TransformerLM(_spec(k=k, cf=8.0).model, rngs=nnx.Rngs(0))
+  tokens = _tokens(b=2)
+  got = experts.expert_scores(model, tokens, 'reconstruction')[1]
+  moe, rows, _, _ = _routed(model, tokens, 1)
+  w = {n: np.asarray(v, np.float64) for n, v in moe.experts.weights().items()}
+  logits = rows.astype(np.float64) @ np.asarray(moe.router.kernel[...], np.float64)
+
+  def layer(removed):
+    out = np.zeros_like(rows, np.float64)
+    for t in range(len(rows)):
+      z = np.where(np.arange(8) == removed, -np.inf, logits[t])
+      p = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+      top = np.argsort(-p, kind='stable')[:k]
+      gate = p[top] / p[top].sum() if k == 2 else p[top]
+      for e, g in zip(top, gate):
+        z = rows[t].astype(np.float64) @ w['wi'][e]          # jax.nn.gelu's tanh form
+        h = 0.5 * z * (1 + np.tanh(np.sqrt(2 / np.pi) * (z + 0.044715 * z ** 3)))
+        out[t] += g * h @ w['wo'][e]
+    return out
+
+  y = layer(None)
+  want = [np.mean(np.sum((y - layer(e)) ** 2, -1)) / np.mean(np.sum(y ** 2, -1))
+          for e in range(8)]
+  np.testing.assert_allclose(got, want, rtol=1e-4)
+  assert (got > 0).all() and moe.router.__class__.__name__ == 'Router'   # put back
+
+
+@pytest.mark.slow
+def test_expert_scores_on_an_expert_parallel_mesh_equal_one_device():
+  """Calibration on a (data 2, expert 4) mesh scores as one device with the same routing
+  groups (the tokens are split over both axes: 8 groups)."""
+  c = load_config(TINY)
+  c.moe.update(num_experts=8, k=2)
+  tokens = _tokens(b=8)
+  c.moe.group_size = tokens.size // 8
+  ref = TransformerLM(model_spec(c), rngs=nnx.Rngs(0))
+  c.moe.group_size = 0
+  mesh = sj.sharding.make_mesh(data=2, expert=4, model=1)
+  with jax.set_mesh(mesh):
+    ep = TransformerLM(model_spec(c), mesh=mesh, rngs=nnx.Rngs(0))
+  nnx.update(ep, jax.device_get(nnx.state(ref)))
+  sj.sharding.put_params(ep, mesh)
+  for score in experts.SCORES:
+    want, got = experts.expert_scores(ref, tokens, score), experts.expert_scores(ep, tokens, score)
+    assert got.keys() == want.keys() == {1}
+    for i in want:
+      np.testing.assert_allclose(got[i], want[i], rtol=1e-4, atol=1e-7, err_msg=score)
 
 
 def test_choose_keeps_the_best_and_checks_keep():

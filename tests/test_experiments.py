@@ -78,6 +78,7 @@ def test_library_hash_follows_the_source(tmp_path):
   assert len(common.library_hash()) == 64
 
 
+@pytest.mark.slow
 def test_finished_run_reused_only_under_the_same_library(tmp_path, monkeypatch):
   config = common.moe(common.sized('smoke', steps=1))        # expert-parallel MoE
   train = lambda: common.run_study('t', 'smoke', {'moe': config}, tmp_path)['moe']
@@ -138,15 +139,10 @@ def test_compare_smoke(dirs):
   assert '| dense-small | baseline |' in md and meta['library_sha256'][:12] in md
 
 
-# Every script has a smoke test; the default run keeps those that exercise distinct code
-# cheaply (loading trained models and probing them) and marks the rest slow (pytest -m
-# slow) to keep the default run short. All of them ran at the quick preset for
-# experiments/results.
-FAST = {'repro_activation_sparsity'}
-
-
-@pytest.mark.parametrize('script', [s if s in FAST else pytest.param(s, marks=pytest.mark.slow)
-                                    for s in sorted(REPROS)])
+# Every script has a smoke test, under -m slow to keep the default run short. All of them
+# ran at the quick preset for experiments/results.
+@pytest.mark.slow
+@pytest.mark.parametrize('script', sorted(REPROS))
 def test_reproduction_smoke(script, dirs):
   _run(script, dirs)
   out = dirs[0]

@@ -194,6 +194,20 @@ def test_disk_full_during_a_save_exits_1_at_once_with_the_previous_checkpoint(
     subprocess.run(['umount', str(workdir)], check=False)
 
 
+def test_a_save_error_names_its_cause_not_the_store_spec():
+  """tensorstore's message as printed on a full disk: the cause, then the store's spec over
+  several lines, then the OS error code. The line keeps the cause."""
+  spec = "\n".join(["[tensorstore_spec='{\"context\":{\"cache_pool\":{}},", '"driver":"zarr",',
+                     '"metadata":{"shape":[32,32]}}\'] [os_error_code=\'28\']'])
+  e = ValueError('RESOURCE_EXHAUSTED: Error opening "zarr" driver: Error writing '
+                 f'"{"x/" * 60}manifest.ocdbt": Failed to write 203 bytes to file 19: '
+                 f'No space left on device {spec}')
+  line = checkpoint._one_line(e)
+  assert line.endswith('Failed to write 203 bytes to file 19: No space left on device')
+  assert line.startswith('ValueError: RESOURCE_EXHAUSTED') and len(line) <= 320
+  assert '\n' not in line and 'tensorstore_spec' not in line
+
+
 def test_a_second_trainer_on_a_workdir_is_refused(tmp_path, data_dir):
   """The lock is an flock: it conflicts across open files, even in one process, and the
   OS releases it when its holder dies."""

@@ -87,6 +87,7 @@ def test_upcycling_from_a_dense_run_starts_at_its_loss(tmp_path, data_dir):
   assert _rows(tmp_path / 'moe')[-1]['dropped_fraction'] == 0
 
 
+@pytest.mark.slow
 def test_pruning_in_training_logs_sparsity_and_resumes_with_masks(tmp_path, data_dir):
   c = _config(data_dir, steps=20, checkpoint_every=10, eval_every=20)
   c.pruning.update(sparsity=0.5, start_step=0, end_step=10, update_every=5)
@@ -193,6 +194,7 @@ def test_sigterm_saves_then_exits_and_restores_the_handler(tmp_path, data_dir, c
   assert signal.getsignal(signal.SIGTERM) is before
 
 
+@pytest.mark.slow
 def test_profile_trace_is_written(tmp_path, data_dir):
   c = _config(data_dir, steps=4, eval_every=4, checkpoint_every=4)
   c.profile_steps = 2

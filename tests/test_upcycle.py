@@ -20,7 +20,7 @@ def _configs(k=1, normalize=True, cf=4.0, shared_d_ff=0):
   return dense, moe
 
 
-@pytest.mark.parametrize('k,shared_d_ff', [(1, 16), (2, 0), pytest.param(1, 0, marks=pytest.mark.slow)])
+@pytest.mark.parametrize('k,shared_d_ff', [(1, 16), *(pytest.param(*c, marks=pytest.mark.slow) for c in [(2, 0), (1, 0)])])
 def test_upcycled_model_computes_the_dense_function(k, shared_d_ff):
   dense_cfg, moe_cfg = _configs(k=k, shared_d_ff=shared_d_ff)
   dense = models.TransformerLM(model_spec(dense_cfg), rngs=nnx.Rngs(0))

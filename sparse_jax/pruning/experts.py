@@ -8,17 +8,55 @@ tokens as they flow through the model:
   'reap'       REAP (2025): the mean, over the choices that go to the expert, of gate
                weight x ||expert output||_2 (an expert that is chosen often but adds
                little scores low)
+  'reconstruction'  how far the layer's output moves when the expert alone is removed
+               (its router column at -inf, the tokens rerouted as the layer routes them):
+               mean ||y - y_without_e||^2 / mean ||y||^2 over the calibration rows. One
+               expert at a time, not the joint search over subsets of Lu et al. (2024)
 Shape legend: N calibration rows, D d_model, E experts, K choices per token.
 """
 from __future__ import annotations
 
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from sparse_jax.layers import ffn
 from sparse_jax.moe import MoE
 
-SCORES = ('frequency', 'reap')
+SCORES = ('frequency', 'reap', 'reconstruction')
+
+
+class MaskedRouter(nnx.Module):
+  """`router` with the logits of the `removed` experts (bool[E]) at -inf: the layer then
+  routes as if they were gone, which is what compaction.compact_experts builds."""
+
+  def __init__(self, router, removed):
+    self.router = router
+    self.removed = nnx.Variable(jnp.asarray(removed, bool))
+
+  @property
+  def bias(self):                                  # read by loss-free balancing
+    return self.router.bias
+
+  def __call__(self, x, *, train: bool = False):
+    return jnp.where(self.removed[...], -jnp.inf, self.router(x, train=train))
+
+
+def _reconstruction(moe: MoE, h) -> np.ndarray:
+  """f64[E]: mean ||y - y_without_e||^2 / mean ||y||^2 of the layer on h [B, L, D]."""
+  router, e_all = moe.router, moe.num_experts
+  moe.router = masked = MaskedRouter(router, np.zeros(e_all, bool))
+  forward = nnx.jit(lambda m, h: m(h)[0])
+  try:
+    outputs = []
+    for removed in [None, *range(e_all)]:
+      masked.removed[...] = jnp.arange(e_all) == (-1 if removed is None else removed)
+      outputs.append(np.asarray(forward(moe, h), np.float64).reshape(-1, h.shape[-1]))
+  finally:
+    moe.router = router
+  y, *without = outputs
+  return np.array([np.mean(np.sum((y - w) ** 2, -1)) for w in without]) / np.mean(
+      np.sum(y ** 2, -1))
 
 
 def moe_inputs(model, tokens):
@@ -38,6 +76,9 @@ def expert_scores(model, tokens, score: str) -> dict[int, np.ndarray]:
     raise ValueError(f'score={score!r} is unknown; use one of {SCORES}.')
   out = {}
   for i, (moe, h) in moe_inputs(model, tokens).items():
+    if score == 'reconstruction':
+      out[i] = _reconstruction(moe, h)
+      continue
     plan, _ = moe.route(h)
     rows = np.asarray(h.reshape(-1, h.shape[-1]))                       # [N, D]
     expert = np.asarray(jnp.where(plan.kept, plan.expert, -1)).reshape(rows.shape[0], -1)

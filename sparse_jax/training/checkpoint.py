@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
 import shutil
 import sys
 from typing import Callable, TypeVar
@@ -64,12 +65,13 @@ def _abstract(state, shardings):
 
 
 def _one_line(e: BaseException) -> str:
-  """The last line of an exception, its middle cut when long: tensorstore repeats paths
-  there, and puts the cause (e.g. 'No space left on device') at the end."""
-  lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+  """An exception in one line, its middle cut when long. tensorstore ends the cause
+  (e.g. 'No space left on device') with a bracketed spec of the store, spread over lines;
+  that is cut first (tensorstore 0.1.x)."""
+  text = re.split(r'\s*\[(?:tensorstore_spec|os_error_code|source locations)=', str(e))[0]
+  lines = [l.strip() for l in text.splitlines() if l.strip()]
   text = f'{type(e).__name__}: {lines[-1] if lines else ""}'
   return text if len(text) <= 320 else f'{text[:120]} ... {text[-180:]}'
-
 
 
 def _check(directory: pathlib.Path) -> str | None:
