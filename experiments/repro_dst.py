@@ -2,14 +2,16 @@
 non-zeros, with SRigL's constant fan-in (Lasby et al. 2024) and gradual magnitude pruning
 (GMP) beside them; and large-sparse vs small-dense again, trained sparse from the start.
 
-  python experiments/repro_dst.py --preset=quick      # ~40 min on 2 CPU cores (3 seeds)
+  python experiments/repro_dst.py --preset=quick      # ~50 min on 2 CPU cores (3 seeds)
 
 Part 1: the main job's dense model with every FFN and attention kernel at 80% and 90%
 sparsity (uniform per layer). Static = the initial magnitude mask kept fixed (drop fraction
 0); SET regrows at random, RigL where |grad| is largest, SRigL = RigL with the same number
-of inputs per output neuron. Drop fraction 0.3, cosine-decayed, topology (or GMP mask)
-updates every steps/20, ending at 3/4 of training, as in the paper. GMP starts dense and
-reaches the target at 3/4 of training.
+of inputs per output neuron, SRigL + ablation = SRigL with neuron ablation (min_salient
+0.3: a neuron with fewer than 30% of its fan-in salient gives its budget to the others).
+Drop fraction 0.3, cosine-decayed, topology (or GMP mask) updates every steps/20, ending
+at 3/4 of training, as in the paper. GMP starts dense and reaches the target at 3/4 of
+training.
 Part 2: FFNs 2x / 4x wider trained with RigL at 50 / 75% FFN sparsity, so each keeps the
 dense model's non-zero FFN weights (the GMP version of this table is repro_pruning.py).
 Published, ResNet-50 top-1: RigL uniform 74.60 (80%) / 72.02 (90%), dense 76.8 (Evci et
@@ -27,8 +29,9 @@ SEEDS = (0, 1, 2)
 SPARSITIES = (0.8, 0.9)
 # ResNet-50 top-1 [V]: (RigL paper, uniform: 80% / 90%; jaxpruner's table at 80%).
 PAPER = {'static': ('', '71.34'), 'SET': ('', '74.57'), 'RigL': ('74.60 / 72.02', '74.75'),
-         'SRigL': ('≈ RigL [S]', ''), 'GMP': ('', '75.53'), 'dense': ('76.8', '76.67')}
+         'SRigL': ('≈ RigL [S]', ''), 'SRigL + ablation': ('≈ RigL [S]', ''), 'GMP': ('', '75.53'), 'dense': ('76.8', '76.67')}
 WIDE = {2: 0.5, 4: 0.75}
+ABLATION = 0.3                               # min_salient (SRigL's gamma_sal)
 
 
 def dst(c, sparsity, targets='all', **fields):
@@ -45,6 +48,8 @@ def variants(base) -> dict:
     out[f'SET {s:.0%}'] = dst(base, s, regrow='random')
     out[f'RigL {s:.0%}'] = dst(base, s, regrow='gradient')
     out[f'SRigL {s:.0%}'] = dst(base, s, regrow='gradient', fan_in='constant')
+    out[f'SRigL + ablation {s:.0%}'] = dst(base, s, regrow='gradient', fan_in='constant',
+                                           min_salient=ABLATION)
     out[f'GMP {s:.0%}'] = common.gmp(base, s)
   for w, s in WIDE.items():
     wide = common.override(base, model=dict(d_ff=base.model.d_ff * w))
@@ -72,9 +77,9 @@ def main(argv=None):
   by = {r['model']: r for r in rows}
   body = (common.describe(base) + f'; {len(seeds)} seeds (mean ± std); every kernel of FFN '
           'and attention pruned (Part 1), the FFN only (Part 2); non-zero params counted '
-          'from the trained weights, embeddings excluded.\n\n## Part 1: equal non-zeros, five ways to get there\n\n')
+          'from the trained weights, embeddings excluded.\n\n## Part 1: equal non-zeros, six ways to get there\n\n')
   part1 = []
-  for name in ('static', 'SET', 'RigL', 'SRigL', 'GMP'):
+  for name in ('static', 'SET', 'RigL', 'SRigL', 'SRigL + ablation', 'GMP'):
     part1.append([name] + [fmt(by[f'{name} {s:.0%}']['val_loss'],
                                by[f'{name} {s:.0%}']['val_loss_std']) for s in SPARSITIES]
                  + list(PAPER[name]))
@@ -100,6 +105,12 @@ def main(argv=None):
                      'std)', abs(srigl['val_loss'] - rigl['val_loss']) <= tol,
                      f"SRigL {srigl['val_loss']:.4f}, RigL {rigl['val_loss']:.4f}, two std "
                      f'{tol:.4f}'))
+    ablated = by[f'SRigL + ablation {s:.0%}']
+    verdicts.append((f'At {s:.0%}: neuron ablation does not hurt SRigL (loss no higher)',
+                     ablated['val_loss'] <= srigl['val_loss'],
+                     f"with ablation {ablated['val_loss']:.4f} ({ablated['nonzero_params']:,.0f} "
+                     f"non-zeros), without {srigl['val_loss']:.4f} "
+                     f"({srigl['nonzero_params']:,.0f})"))
   wide = [r['val_loss'] for r in part2]
   verdicts.append(('At equal non-zeros, larger-and-sparser (RigL) beats smaller-and-dense',
                    all(x > y for x, y in zip(wide, wide[1:])),

@@ -104,6 +104,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.pruning.regrow = 'gradient'     # dynamic: gradient (RigL) | random (SET)
   c.pruning.fan_in = 'any'          # dynamic: any | constant (SRigL: same inputs per neuron)
   c.pruning.drop_fraction = 0.3     # dynamic: alpha, cosine-decayed to 0 at end_step
+  c.pruning.min_salient = 0.0       # dynamic, constant fan-in: SRigL's neuron ablation (0: off)
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1             # -1: the devices left over
@@ -240,7 +241,7 @@ def resolve(config: ml_collections.ConfigDict, num_devices: int,
         distribution=p.distribution, scope=p.scope,
         n_m=parse_n_m(p.n_m) if p.n_m else None, structure=p.structure or None,
         targets=p.targets, regrow=p.regrow, fan_in=p.fan_in, drop_fraction=p.drop_fraction,
-        seed=config.seed)
+        min_salient=p.min_salient, seed=config.seed)
   train = TrainSpec(**{f.name: t[f.name] for f in dataclasses.fields(TrainSpec)
                        if f.name != 'lr_decay_steps'},
                     lr_decay_steps=t.lr_decay_steps or t.steps)
@@ -406,6 +407,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int,
       choice('pruning.fan_in', pr.fan_in, pruning.FAN_IN)
       need(0 <= pr.drop_fraction <= 1,
            f'pruning.drop_fraction={pr.drop_fraction} must be in [0, 1] (0 = static sparse)')
+      need(0 <= pr.min_salient <= 1 and (not pr.min_salient or (pr.fan_in, pr.regrow) == (
+          'constant', 'gradient')),
+           f'pruning.min_salient={pr.min_salient} must be in [0, 1], and above 0 only with '
+           "pruning.fan_in='constant' and pruning.regrow='gradient' (SRigL's neuron "
+           f'ablation; got fan_in={pr.fan_in!r}, regrow={pr.regrow!r})')
       need(pr.scope == 'layer' and not pr.n_m and not pr.structure,
            "pruning.schedule='dynamic' moves single weights within each layer: it needs "
            f"pruning.scope='layer' and no pruning.n_m or pruning.structure (got "

@@ -109,6 +109,7 @@ class PruningSpec:
   regrow: str = 'gradient'
   fan_in: str = 'any'
   drop_fraction: float = 0.3
+  min_salient: float = 0.0
   seed: int = 0
 
   def wrap_kwargs(self, num_heads: int) -> dict:
@@ -118,6 +119,7 @@ class PruningSpec:
                 update_every=self.update_every, distribution=self.distribution,
                 scope=self.scope, n_m=self.n_m, seed=self.seed, regrow=self.regrow,
                 fan_in=self.fan_in, drop_fraction=self.drop_fraction,
+                min_salient=self.min_salient,
                 prunable=pruning.paths.prunable_in(self.targets), **extra)
 
 

@@ -66,6 +66,16 @@ def test_pruning_targets_is_checked_when_pruning_is_on():
     validate(c, num_devices=8)
 
 
+def test_neuron_ablation_needs_constant_fan_in_and_gradient_regrowth():
+  c = load_config(CONFIGS / 'dense.py')
+  c.pruning.update(sparsity=0.8, schedule='dynamic', min_salient=0.3)
+  with pytest.raises(ConfigError, match=r"pruning.min_salient=0.3 .* got fan_in='any'"):
+    validate(c, num_devices=8)
+  c.pruning.fan_in = 'constant'
+  validate(c, num_devices=8)
+  assert resolve(c, 8).pruning.wrap_kwargs(4)['min_salient'] == 0.3
+
+
 def test_resolve_fills_every_default_once():
   c = load_config(CONFIGS / 'top2.py')
   c.mesh.data, c.mesh.expert = -1, 4

@@ -181,6 +181,7 @@ def test_erk_densities_by_hand():
   np.testing.assert_array_equal(pruning.zeros_per_layer(0.5, [(1, 8), (8, 8)], 'erk'), [0, 36])
   # Stacked experts use the per-expert kernel shape: [3, 4, 4] is as dense as [4, 4].
   np.testing.assert_allclose(pruning.erk_densities([(3, 4, 4), (4, 4)], 0.5), [0.5, 0.5])
+  assert pruning.erk_densities([], 0.5).shape == (0,)        # nothing prunable: no layers
 
 
 def test_erk_through_the_wrapper_keeps_small_layer_dense():

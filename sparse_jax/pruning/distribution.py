@@ -35,6 +35,7 @@ def erk_densities(shapes, sparsity, xp=np):
   raw = xp.asarray([erk_ratio(s) for s in shapes])
   budget = (1 - sparsity) * xp.sum(sizes)
   dense = raw < 0                                                      # all False
+  eps = 0.0                                                            # no layers
   for _ in range(len(shapes)):
     rest = xp.sum(xp.where(dense, 0.0, raw * sizes))
     eps = (budget - xp.sum(xp.where(dense, sizes, 0.0))) / xp.maximum(rest, 1e-30)

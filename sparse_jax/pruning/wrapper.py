@@ -18,7 +18,8 @@ schedule='dynamic' (dynamic sparse training: SET, RigL, SRigL) prunes to `sparsi
 start_step as above, then at each later update step (< end_step) moves a decaying
 fraction of every row's entries (dynamic.py). An entry grown by an update is left at
 exactly 0 by it (it trains from the next step) and its inner-optimizer moments (every
-params-shaped part of the inner state) are reset to 0.
+params-shaped part of the inner state) are reset to 0. With fan_in='constant' and
+min_salient > 0 an update may also ablate neurons and share their budget (dynamic.ablate).
 """
 from __future__ import annotations
 
@@ -78,6 +79,7 @@ class _Config:
   regrow: str = 'gradient'
   fan_in: str = 'any'
   drop_fraction: float = 0.3
+  min_salient: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,6 +142,13 @@ def _validate(c: _Config):
     if not (isinstance(c.drop_fraction, (int, float)) and 0 <= c.drop_fraction <= 1):
       raise ValueError(f'drop_fraction={c.drop_fraction!r} must be in [0, 1] (0 = static '
                        'sparse training).')
+    if not (isinstance(c.min_salient, (int, float)) and 0 <= c.min_salient <= 1):
+      raise ValueError(f'min_salient={c.min_salient!r} must be in [0, 1] (0 = no neuron '
+                       'ablation).')
+    if c.min_salient and (c.fan_in, c.regrow) != ('constant', 'gradient'):
+      raise ValueError(f'min_salient={c.min_salient} ablates neurons by gradient saliency '
+                       "(SRigL): it needs fan_in='constant' and regrow='gradient' (got "
+                       f'fan_in={c.fan_in!r}, regrow={c.regrow!r}).')
     if c.n_m is not None or c.structure is not None or c.scope != 'layer':
       raise ValueError("schedule='dynamic' moves single weights within each layer: it needs "
                        f"scope='layer' and no n_m or structure (got scope={c.scope!r}, "
@@ -249,11 +258,14 @@ def _drop_and_grow(c: _Config, plan: _Plan, vals, grads, old, step):
   new, grown = list(old), list(old)
   for u, zeros in zip(plan.units, plan.table[0]):
     (i,) = u.leaves
-    num_swap = jnp.round(frac * (u.groups - int(zeros))).astype(jnp.int32)
     score = dynamic.grow_scores(c.regrow, grads[pos[i]], jax.random.fold_in(key, i))
-    active, born = dynamic.drop_and_grow(u.scores([old[pos[i]]]),
-                                         u.scores([jnp.abs(vals[pos[i]])]),
-                                         u.scores([score]), int(zeros), num_swap)
+    rows = [u.scores([x]) for x in (old[pos[i]], jnp.abs(vals[pos[i]]), score)]
+    num_swap = jnp.round(frac * rows[0].sum(-1)).astype(jnp.int32)
+    zeros = int(zeros)
+    if c.min_salient:                      # rows [E * out, in] -> layers [E, out, in]
+      layers = [r.reshape(-1, plan.shapes[i][-1], u.groups) for r in rows]
+      zeros = dynamic.ablate(*layers, zeros, frac, c.min_salient).reshape(-1)
+    active, born = dynamic.drop_and_grow(*rows, zeros, num_swap)
     (new[pos[i]],), (grown[pos[i]],) = u.masks(active, plan.shapes), u.masks(born, plan.shapes)
   return new, grown
 
@@ -287,8 +299,8 @@ def wrap(inner: optax.GradientTransformation, sparsity: float = 0.0,
          distribution: str = 'uniform', scope: str = 'layer',
          n_m: tuple[int, int] | None = None, prunable: Callable | None = None, *,
          seed: int = 0, structure: str | None = None, num_heads: int | None = None,
-         regrow: str = 'gradient', fan_in: str = 'any',
-         drop_fraction: float = 0.3) -> optax.GradientTransformationExtraArgs:
+         regrow: str = 'gradient', fan_in: str = 'any', drop_fraction: float = 0.3,
+         min_salient: float = 0.0) -> optax.GradientTransformationExtraArgs:
   """Prune the params `inner` optimizes; see the module docstring and the README (pruning).
 
   Args:
@@ -320,12 +332,15 @@ def wrap(inner: optax.GradientTransformation, sparsity: float = 0.0,
       or 'constant' (each output neuron keeps round((1-s_l)*in) inputs, SRigL).
     drop_fraction: alpha; an update moves round(alpha/2*(1+cos(pi*t/T))*K) of the K
       weights of every row, t = step - start_step, T = end_step - start_step.
+    min_salient: with fan_in='constant' and regrow='gradient', SRigL's neuron ablation:
+      a neuron with fewer than max(1, floor(min_salient * K)) salient weights is pruned
+      whole and its layer's other neurons share its budget (dynamic.py); 0 = never.
   Returns a GradientTransformation whose state is a PruneState; update needs params.
   """
   c = _Config(sparsity, method, schedule, start_step, end_step, update_every,
               distribution, scope, tuple(n_m) if isinstance(n_m, list) else n_m,
               prunable or default_prunable, seed, structure, num_heads, regrow, fan_in,
-              drop_fraction)
+              drop_fraction, min_salient)
   _validate(c)
   inner = optax.with_extra_args_support(inner)
   cache: dict = {}
