@@ -93,7 +93,22 @@ def test_condense_refuses_non_constant_fan_in():
   with pytest.raises(ValueError) as e:
     condense(w, mask)
   assert str(e.value) == ('mask has between 3 and 7 non-zeros per output column; condense '
-                          "needs a constant fan-in (e.g. pruning with fan_in='constant')")
+                          "needs a constant fan-in (e.g. pruning with fan_in='constant'; "
+                          'empty columns are fine)')
+
+
+def test_an_ablated_neuron_condenses_to_zeros():
+  """Neuron ablation leaves columns with no inputs: they get K zero values (and their
+  output is 0); the other columns keep their K."""
+  w = np.arange(1., 25.).reshape(8, 3).astype(np.float32)
+  mask = np.zeros((8, 3), bool)
+  mask[[1, 4, 6], 0] = mask[[0, 2, 7], 2] = True
+  values, indices = condense(w, mask)
+  assert values.shape == indices.shape == (3, 3)
+  np.testing.assert_array_equal(values[:, 1], 0.0)
+  np.testing.assert_array_equal(expand(values, indices, 8), w * mask)
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 8)), jnp.float32)
+  np.testing.assert_allclose(condensed_matmul(x, values, indices), x @ (w * mask), atol=1e-5)
 
 
 @pytest.mark.parametrize('w_shape, mask_shape', [((4, 2), (4, 3)), ((8,), (8,))])

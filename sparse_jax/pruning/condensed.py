@@ -57,8 +57,9 @@ def _prune_lowest_per_column(w, num_pruned: int):
 
 
 def condense(w, mask) -> tuple[jax.Array, jax.Array]:
-  """Kernel w [in, out] and its bool mask [in, out] with K True in every column ->
-  (values [K, out] in w's dtype, indices int32 [K, out]), indices ascending per column.
+  """Kernel w [in, out] and its bool mask [in, out] with K True in every column, or none
+  (a neuron ablated by dynamic sparse training) -> (values [K, out] in w's dtype, indices
+  int32 [K, out]), indices ascending per column; an empty column gets K zero values.
 
   A conversion step on concrete arrays (the counting runs in numpy), not for jit.
   """
@@ -67,14 +68,15 @@ def condense(w, mask) -> tuple[jax.Array, jax.Array]:
     raise ValueError(f'condense needs a kernel [in, out] and a mask of the same shape; got '
                      f'kernel {w.shape} and mask {mask.shape}')
   counts = mask.sum(axis=0)
-  if counts.size and counts.min() != counts.max():
-    raise ValueError(f'mask has between {counts.min()} and {counts.max()} non-zeros per '
+  live = counts[counts > 0]
+  if live.size and live.min() != live.max():
+    raise ValueError(f'mask has between {live.min()} and {live.max()} non-zeros per '
                      "output column; condense needs a constant fan-in (e.g. pruning with "
-                     "fan_in='constant')")
-  k = int(counts[0]) if counts.size else 0
+                     "fan_in='constant'; empty columns are fine)")
+  k = int(live[0]) if live.size else 0
   # A stable sort of "pruned?" puts each column's kept rows first, in ascending order.
   indices = np.argsort(~mask, axis=0, kind='stable')[:k]
-  return (jnp.asarray(np.take_along_axis(w, indices, axis=0)),
+  return (jnp.asarray(np.take_along_axis(np.where(mask, w, 0), indices, axis=0)),
           jnp.asarray(indices, dtype=jnp.int32))
 
 
