@@ -149,9 +149,8 @@ def _mount_tmpfs(path, size, *options):
 class _FillDisk:
   """A progress bar that, once checkpoint 20 is finalised, shrinks the workdir's tmpfs to
   what is used plus 64 kB (room for its manifest; the next save cannot fit, whatever a
-  checkpoint's size), and
-  makes each step last 0.1 s (so a background save ends within a known number of steps
-  whatever the machine's load)."""
+  checkpoint's size), and makes each step last 0.1 s (so a background save ends within a
+  known number of steps whatever the machine's load)."""
 
   def __init__(self, workdir):
     self.workdir, self.n = workdir, 0

@@ -16,8 +16,8 @@ Neuron ablation (SRigL, constant fan-in): the N output neurons of a layer (a ker
 expert) share the budget B = N*K. At each update a weight is salient if it is among the
 layer's top n_keep by |w| or its top n by |grad| (n = round(f(t) * active), n_keep =
 active - n); a neuron with fewer than max(1, floor(min_salient * K)) salient weights is
-ablated (all its inputs pruned) and the others share B: K' = B // (neurons kept), so a
-layer holds between B - N + 1 and B weights. At least ceil(B / U) + 1 neurons stay (the
+ablated (all its inputs pruned) and the others share B: K' = B // kept (kept = neurons
+kept), so a layer holds between B - kept + 1 and B weights. At least ceil(B / U) + 1 neurons stay (the
 threshold drops to the count of the one ranked there), so K' <= U. An ablated neuron
 comes back when enough of its entries turn salient by gradient.
 """
