@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pathlib
+import shutil
 import sys
 from typing import NamedTuple
 
@@ -107,6 +109,8 @@ def check_options(f: Options) -> tuple[int, int] | None:
   if src == dst or src in dst.parents:
     raise FlagError(f'--out={f.out} must lie outside --workdir={f.workdir} (the source is '
                     'never written)')
+  if dst.exists() and not dst.is_dir():
+    raise FlagError(f'--out={f.out} is a file; give a new directory')
   if dst.exists() and any(dst.iterdir()):
     raise FlagError(f'--out={f.out} already holds files; give a new directory')
   if f.calibration_batches < 1:
@@ -147,30 +151,43 @@ def calibration_tokens(spec, batches: int):
 
 
 def transplant(template, source, masks: dict, step) -> nnx.State:
-  """The (model, optimizer) state `template` filled from `source` by path: a pruner the
-  source lacks gets `masks` and its step set to `step` (so a one-shot mask is never
-  recomputed); the inner optimizer state moves under or out of the pruner's."""
+  """The (model, optimizer) state `template` filled from `source` by path. `masks` replace
+  the template's masks where given. When only the template has a pruner, the source's
+  optimizer state moves under the pruner's `inner`, the pruner's step is set to `step` (so
+  a one-shot mask is never recomputed) and masks not given start all kept; when only the
+  source has one, its `inner` state moves out. Pruner to pruner, the state is copied."""
   src = {p: (v[...] if isinstance(v, nnx.Variable) else v) for p, v in nnx.to_flat_state(source)}
-  pruned_src = any(p[:3] == (1, 'opt_state', 'inner') for p in src)
+  tmpl = nnx.to_flat_state(template)
+  pruner = lambda paths: any(p[:3] == (1, 'opt_state', 'inner') for p in paths)
+  pruned_src, pruned_new = pruner(src), pruner(p for p, _ in tmpl)
   out = []
-  for path, var in nnx.to_flat_state(template):
-    key = path
+  for path, var in tmpl:
+    want = var[...] if isinstance(var, nnx.Variable) else var
+    own = path[:2] == (1, 'opt_state') and path[2:3] != ('inner',)   # the pruner's own
     if path[:3] == (1, 'opt_state', 'masks') and path[3:] in masks:
       value = masks[path[3:]]
-    elif path == (1, 'opt_state', 'step') and not pruned_src:
-      value = step
+    elif pruned_new and not pruned_src and own:
+      value = step if path == (1, 'opt_state', 'step') else want
+    elif pruned_new and not pruned_src and path[:3] == (1, 'opt_state', 'inner'):
+      value = src[(1, 'opt_state') + path[3:]]
+    elif pruned_src and not pruned_new and path[:2] == (1, 'opt_state'):
+      value = src[(1, 'opt_state', 'inner') + path[2:]]
     else:
-      if path[:3] == (1, 'opt_state', 'inner') and not pruned_src:
-        key = (1, 'opt_state') + path[3:]
-      elif path[:2] == (1, 'opt_state') and path[2:3] != ('inner',) and pruned_src:
-        key = (1, 'opt_state', 'inner') + path[2:]
-      value = src[key]
-    want = var[...] if isinstance(var, nnx.Variable) else var
+      value = src[path]
     if tuple(value.shape) != tuple(want.shape):
       raise ValueError(f'{"/".join(map(str, path))}: {tuple(value.shape)} does not fit the '
                        f'compressed model\'s {tuple(want.shape)}')
     out.append((path, var.replace(value) if isinstance(var, nnx.Variable) else value))
   return nnx.from_flat_state(out)
+
+
+def _masks(opt) -> dict:
+  """{parameter path: bool mask} of the optimizer's pruner; {} without one."""
+  try:
+    paths, values, _ = pruning.paths.flatten(pruning.masks(opt.opt_state))
+  except ValueError:                                  # no pruner
+    return {}
+  return dict(zip(paths, values))
 
 
 def _sizes(model) -> tuple[int, int]:
@@ -194,7 +211,15 @@ def compress(f: Options) -> dict:
 
   def load(step):
     config = src.config(step)
-    spec = resolve(config, jax.device_count(), jax.process_count())
+    try:
+      spec = resolve(config, jax.device_count(), jax.process_count())
+    except ConfigError as e:
+      m = config.mesh
+      need = max(m.data, 1) * max(m.expert, 1) * max(m.model, 1)
+      raise FlagError(f'the model in --workdir={f.workdir} was trained on the mesh data='
+                      f'{m.data}, expert={m.expert}, model={m.model}, which does not fit the '
+                      f'{jax.device_count()} device(s) here ({e}); rerun with '
+                      f'--cpu_devices={need} (CPU) or on {need} devices') from None
     moe = spec.model.moe
     if f.method == 'experts' and not (moe and moe.k <= f.keep < moe.num_experts):
       raise FlagError(f'--keep={f.keep} must be at least k={moe.k} and below the '
@@ -241,6 +266,8 @@ def compress(f: Options) -> dict:
                                         n_m=n_m, prunable=prunable, **options)
     except ValueError as e:           # e.g. an M that does not divide a kernel's inputs
       raise FlagError(e) from None
+    had = _masks(opt)                               # a weight the source pruned stays pruned
+    masks = {p: m & had[p] if p in had else m for p, m in masks.items()}
     source = nnx.state((model, opt))
     new.pruning.update(sparsity=f.sparsity or 0.0, n_m=f'{n_m[0]}:{n_m[1]}' if n_m else '',
                        schedule='one_shot', start_step=0, targets=f.targets,
@@ -254,21 +281,30 @@ def compress(f: Options) -> dict:
   count = next(v[...] for p, v in count if p == ('step',))
   state = jax.device_put(transplant(new_steps.state, source, masks, count),
                          new_steps.shardings)
-  dst = checkpoint.Checkpoints(dst_dir, keep=new.train.keep_checkpoints)
+  # Written beside DST and renamed when complete: DST never holds a partial output.
+  work = dst_dir.with_name(f'.{dst_dir.name}.incomplete')
+  if work.exists():
+    print(f'note: removing {work}, the partial output of an interrupted compress',
+          file=sys.stderr)
+    shutil.rmtree(work)
+  dst = checkpoint.Checkpoints(work, keep=new.train.keep_checkpoints)
   dst.save(step, state, it, new, wait=True)
   dst.close()
   it.close()
   small, _ = nnx.merge(new_steps.graphdef, state)
   after = {**loop.evaluate(new_spec, small, new_mesh), 'params': _sizes(small)}
-  (dst_dir / 'config.json').write_text(new.to_json())
-  (dst_dir / 'config.py').write_text(CONFIG_PY)
+  (work / 'config.json').write_text(new.to_json())
+  (work / 'config.py').write_text(CONFIG_PY)
 
   result = {'source': str(src_dir), 'step': step, 'method': f.method,
             'flags': {k: getattr(f, k) for k in ('sparsity', 'n_m', 'targets', 'keep', 'score',
                                                  'merge', 'calibration_batches')},
             **{name: {'val_loss': r['loss'], 'bpb': r['bpb'], 'params': r['params']}
                for name, r in (('before', before), ('after', after))}, **record}
-  (dst_dir / 'compress.json').write_text(json.dumps(result, indent=1, default=float))
+  (work / 'compress.json').write_text(json.dumps(result, indent=1, default=float))
+  if dst_dir.exists():
+    dst_dir.rmdir()                 # empty: check_options refused one that holds files
+  os.rename(work, dst_dir)
   return result
 
 

@@ -170,8 +170,9 @@ _COMPUTE_KEYS = ('model.dtype', 'moe.expert_compute', 'moe.grouped_matmul', 'moe
 def check_resume(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict,
                  where: str) -> None:
   """Refuse to resume the checkpoint `where` (written with `saved`) under `config` when
-  the model differs (any model.* or moe.* key but the compute choices) or the global
-  batch does; mesh, FSDP, remat, micro-batches and device count may all change."""
+  the model differs (any model.* or moe.* key but the compute choices), the pruning does
+  (pruning.*: its state is part of the checkpoint) or the global batch does; mesh, FSDP,
+  remat, micro-batches and device count may all change."""
   def flat(c, prefix):
     for key, value in c.items():
       if isinstance(value, ml_collections.ConfigDict):
@@ -181,10 +182,14 @@ def check_resume(saved: ml_collections.ConfigDict, config: ml_collections.Config
 
   old, new = dict(flat(saved, '')), dict(flat(config, ''))
   for key, value in new.items():
-    if key.split('.')[0] in ('model', 'moe') and key not in _COMPUTE_KEYS and old[key] != value:
+    section = key.split('.')[0]
+    if section in ('model', 'moe', 'pruning') and key not in _COMPUTE_KEYS and old[key] != value:
+      fix = ('use a new workdir, or set it back' if section != 'pruning' else
+             'set it back, or prune the trained model into a new workdir with python -m '
+             'sparse_jax.compress')
       raise ConfigError(f'{key}={value!r} differs from the checkpoint in {where}, which was '
                         f'written with {key}={old[key]!r}: a checkpoint only resumes the model '
-                        'it was written for; use a new workdir, or set it back')
+                        f'and pruning it was written for; {fix}')
   for key in ('train.batch_size', 'train.seq_len'):
     if old[key] != new[key]:
       raise ConfigError(f'{key}={new[key]} differs from the checkpoint in {where} '

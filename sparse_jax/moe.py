@@ -1,6 +1,6 @@
 """NNX mixture-of-experts layers: route -> dispatch -> exchange -> experts -> exchange -> combine.
 
-Shape legend (the project's, see the README): B batch, L length, D d_model, F d_ff,
+Shape legend (the project's, docs/design.md): B batch, L length, D d_model, F d_ff,
 E experts, K choices per token, G groups, S tokens per group, C capacity,
 P expert-parallel degree (mesh axis 'expert').
 
@@ -210,7 +210,7 @@ class MoE(nnx.Module):
     ep_transport: how dropless dispatch moves rows over an expert axis > 1:
       'all_to_all' (default) | 'all_gather' | 'ragged' | 'ragged_reference' (see
       expert_parallel.py). Capacity dispatch always uses one all_to_all each way.
-    router, experts: modules to use instead of the defaults (see README, extending).
+    router, experts: modules to use instead of the defaults (docs/extending.md).
 
   aux (all float32, statistics over the global batch): router_z_loss,
   routing.routing_metrics (load_balance_loss, dropped_fraction, expert_load [E],

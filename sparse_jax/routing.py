@@ -3,7 +3,7 @@
 Shape legend: S tokens in the group, E experts, K experts per token, C capacity
 (slots per expert). Router logits are always float32.
 
-Semantics (the README's "Routing semantics"):
+Semantics (docs/moe.md, "Routing semantics"):
   * probs = softmax(logits); an optional selection bias [E] shifts the scores used to
     *pick* experts (loss-free balancing) but never the combine weights.
   * K == 1: weight = probs[e] (Switch). K >= 2: weights renormalised over the chosen K

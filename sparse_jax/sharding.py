@@ -99,6 +99,13 @@ def put_batch(batch: Any, mesh: Mesh) -> Any:
   With several processes each passes its own slice of the global batch.
   """
   sharding = batch_sharding(mesh)
+  shards = math.prod(mesh.shape[a] for a in token_axes(mesh))
+  for x in jax.tree.leaves(batch):
+    rows = np.shape(x)[0] * jax.process_count() if np.ndim(x) else 0   # the global batch
+    if rows % shards or not rows:
+      raise ValueError(f'a batch of {rows} rows cannot be split over the {shards} devices '
+                       f'of the mesh axes {token_axes(mesh)} ({dict(mesh.shape)}); give a '
+                       f'multiple of {shards} rows')
   if jax.process_count() > 1:
     return jax.tree.map(
         lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)

@@ -197,7 +197,7 @@ def test_bench_memory_and_bf16_provenance(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_bench_remat_cpu_shows_when_remat_saves(tmp_path):
-  """The README's account of remat on XLA:CPU: it saves memory only under the
+  """The account of remat on XLA:CPU in docs/scaling.md: it saves memory only under the
   memory-aware scheduler and only when no gradient reaches the first layer's input."""
   importlib.import_module('bench_remat_cpu').main(['--json', str(tmp_path / 'r.json')])
   rows = {(r['scheduler'], r['input']): r['ratio']

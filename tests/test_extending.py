@@ -1,5 +1,5 @@
-"""The README's "extending" recipes, kept honest: a new router and a new expert type
-plug into MoE in a few lines and work under expert parallelism."""
+"""docs/extending.md's recipes, kept honest: a new router and a new expert type plug
+into MoE in a few lines and work under expert parallelism."""
 import jax
 import jax.numpy as jnp
 import numpy as np

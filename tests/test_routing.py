@@ -1,6 +1,6 @@
 """Routing math (sparse_jax.routing) against hand-computed cases and properties.
 
-The semantics are the README's "Routing semantics": choice-major slot priority, weights from
+The semantics are docs/moe.md's "Routing semantics": choice-major slot priority, weights from
 the unbiased probs, renormalisation (K >= 2) before dropping, C = ceil(cf*K*S/E) >= 1.
 """
 import math

@@ -43,6 +43,26 @@ def _same_count(kept, kind, what):
   return counts.pop() if counts else None
 
 
+def check_kept(where: str, indices, size: int, what: str) -> np.ndarray:
+  """The kept indices as a sorted int array; ValueError unless they are integers in
+  [0, size), unique, and at least one."""
+  idx = np.asarray(indices)
+  if idx.ndim != 1 or not (idx.size == 0 or np.issubdtype(idx.dtype, np.integer)):
+    raise ValueError(f'kept {what} of {where} must be a 1-D list of integer indices; got '
+                     f'{np.asarray(indices).tolist()!r}')
+  if idx.size == 0:
+    raise ValueError(f'kept {what} of {where} is empty: a block needs at least one of its '
+                     f'{size} {what}; keep one or more (prune at a lower sparsity)')
+  outside = idx[(idx < 0) | (idx >= size)]
+  if outside.size:
+    raise ValueError(f'kept {what} of {where}: index {int(outside[0])} is outside [0, {size})')
+  if np.unique(idx).size != idx.size:
+    values, counts = np.unique(idx, return_counts=True)
+    raise ValueError(f'kept {what} of {where}: index {int(values[counts > 1][0])} is listed '
+                     'more than once; give each index once')
+  return np.sort(idx)
+
+
 def compact(spec, state: nnx.State, kept: dict) -> tuple:
   """(new_spec, new_state) with only the kept FFN neurons and attention heads.
 
@@ -59,7 +79,9 @@ def compact(spec, state: nnx.State, kept: dict) -> tuple:
   head_dim = spec.head_dim
   n_ffn = _same_count(kept, 'ffn', 'FFN neurons')
   n_heads = _same_count(kept, 'attn', 'heads')
-  index = {(b, kind): np.sort(np.asarray(v)) for (_, b, kind), v in kept.items()}
+  size = {'ffn': (spec.d_ff, 'FFN neurons'), 'attn': (spec.num_heads, 'heads')}
+  index = {(b, kind): check_kept(f'blocks/{b}/{kind}', v, *size[kind])
+           for (_, b, kind), v in kept.items()}
   flat = []
   for path, var in nnx.to_flat_state(state):
     where = _locate(path)
@@ -111,9 +133,21 @@ def compact_experts(state: nnx.State, kept: dict) -> nnx.State:
   if len({len(v) for v in kept.values()}) > 1:
     raise ValueError(f'compact_experts() needs the same number of kept experts in every '
                      f'MoE block (one spec value); got { {i: len(v) for i, v in kept.items()} }.')
-  index = {i: jnp.asarray(np.sort(np.asarray(v))) for i, v in kept.items()}
+  flat_state = nnx.to_flat_state(state)
+  experts = {}          # block -> E, from the router kernel [D, E] or an expert stack
+  for path, var in flat_state:
+    where = _expert_leaf(path)
+    value = var[...] if isinstance(var, nnx.Variable) else var
+    if where is not None and getattr(value, 'ndim', 0) >= 2:
+      experts.setdefault(where[0], value.shape[where[1]])
+  missing = sorted(set(kept) - set(experts))
+  if missing:
+    raise ValueError(f'compact_experts(): block {missing[0]} has no MoE layer; MoE blocks '
+                     f'are {sorted(experts)}')
+  index = {i: jnp.asarray(check_kept(f'blocks/{i}/ffn', v, experts[i], 'experts'))
+           for i, v in kept.items()}
   flat = []
-  for path, var in nnx.to_flat_state(state):
+  for path, var in flat_state:
     where = _expert_leaf(path)
     is_var = isinstance(var, nnx.Variable)
     value = var[...] if is_var else var

@@ -22,6 +22,7 @@ from flax import nnx
 
 from sparse_jax.layers import ffn
 from sparse_jax.moe import MoE
+from sparse_jax.pruning.masking import check_finite
 
 SCORES = ('frequency', 'reap', 'reconstruction')
 
@@ -76,6 +77,10 @@ def expert_scores(model, tokens, score: str) -> dict[int, np.ndarray]:
     raise ValueError(f'score={score!r} is unknown; use one of {SCORES}.')
   out = {}
   for i, (moe, h) in moe_inputs(model, tokens).items():
+    kernel = getattr(moe.router, 'kernel', None)
+    check_finite(f'blocks/{i}/ffn', **{'calibration inputs': h, 'router weights':
+                                        None if kernel is None else kernel[...]},
+                 **{f'expert weights {n}': v for n, v in moe.experts.weights().items()})
     if score == 'reconstruction':
       out[i] = _reconstruction(moe, h)
       continue

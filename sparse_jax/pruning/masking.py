@@ -6,7 +6,23 @@ is a deterministic function of its scores.
 """
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
+import numpy as np
+
+
+def check_finite(name: str, **arrays) -> None:
+  """ValueError naming `name` when a concrete array holds NaN or Inf: a score cannot rank
+  them (a NaN sorts as the largest, so it would be kept). Traced arrays pass unchecked
+  (under jit the values are unknown; in training the loss guard stops a NaN weight)."""
+  for what, a in arrays.items():
+    if a is None or isinstance(a, jax.core.Tracer):
+      continue
+    bad = int(np.size(a) - np.count_nonzero(np.isfinite(np.asarray(a, np.float32))))
+    if bad:
+      raise ValueError(f'{name}: {what} hold {bad} non-finite value(s) (NaN or Inf) that '
+                       'pruning cannot rank; prune a model that computes finite values (a '
+                       'checkpoint from before it diverged) or fix the calibration data')
 
 
 def prune_lowest(scores, num_pruned):

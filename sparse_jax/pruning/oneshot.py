@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from sparse_jax.pruning.masking import n_m_mask, prune_lowest
+from sparse_jax.pruning.masking import check_finite, n_m_mask, prune_lowest
 
 # f32 matmuls on GPU/TPU default to reduced precision (TF32 / bf16 passes); H and the
 # error propagation feed a Cholesky and accumulate over the whole layer, so keep them exact.
@@ -36,6 +36,7 @@ def _check(w, x, sparsity, n_m, x_required: bool):
   """Validates the common arguments; returns n_m as a tuple of ints (or None)."""
   if jnp.ndim(w) != 2:
     raise ValueError(f'w has shape {jnp.shape(w)}; pass one 2-D kernel [in, out].')
+  check_finite('one-shot pruning', weights=w, **{'calibration inputs': x})
   d_in = w.shape[0]
   if x is None:
     if x_required:

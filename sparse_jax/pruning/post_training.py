@@ -26,6 +26,7 @@ from flax import nnx
 from sparse_jax.layers import DenseFFN, ffn_hidden
 from sparse_jax.moe import MoE
 from sparse_jax.pruning import oneshot
+from sparse_jax.pruning.masking import check_finite
 from sparse_jax.pruning.paths import default_prunable
 
 PRUNERS = {'magnitude': oneshot.magnitude, 'wanda': oneshot.wanda,
@@ -60,6 +61,7 @@ def prune_model(model, tokens, *, method: str, sparsity: float | None = None,
     w = var[...] if index is None else var[...][index]
     if not prunable(path, var[...]):
       return
+    check_finite('/'.join(map(str, path)), weights=w, **{'calibration inputs': x})
     fn = PRUNERS[method] if x.shape[0] else oneshot.magnitude
     new, mask = fn(w, x.reshape(-1, x.shape[-1]).astype(jnp.float32), sparsity=sparsity,
                    n_m=n_m, **(options if fn is oneshot.sparsegpt else {}))

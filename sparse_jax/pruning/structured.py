@@ -19,7 +19,7 @@ import math
 
 import jax.numpy as jnp
 
-from sparse_jax.pruning.masking import prune_lowest
+from sparse_jax.pruning.masking import check_finite, prune_lowest
 from sparse_jax.pruning.paths import flatten, path_str
 
 KINDS = ('ffn_neurons', 'heads', 'experts')
@@ -164,7 +164,13 @@ def structured_masks(params, sparsity: float, kind: str, num_heads: int | None =
   out: list = [None] * len(vals)
   kept = {}
   for layer in find_layers(paths, shapes, kind, num_heads):
+    for m in layer.members:
+      check_finite(path_str(paths[m.index]), weights=vals[m.index])
     num_pruned = round(sparsity * layer.groups)
+    if num_pruned >= layer.groups:
+      raise ValueError(f'sparsity={sparsity} prunes all {layer.groups} {kind} of '
+                       f'{path_str(layer.key)}; keep at least one: use sparsity below '
+                       f'{(layer.groups - 0.5) / layer.groups:.4g}')
     keep = prune_lowest(layer_scores([vals[m.index] for m in layer.members], layer),
                         num_pruned)
     for m, mask in zip(layer.members, layer_masks(keep, layer, shapes)):

@@ -301,7 +301,7 @@ def wrap(inner: optax.GradientTransformation, sparsity: float = 0.0,
          seed: int = 0, structure: str | None = None, num_heads: int | None = None,
          regrow: str = 'gradient', fan_in: str = 'any', drop_fraction: float = 0.3,
          min_salient: float = 0.0) -> optax.GradientTransformationExtraArgs:
-  """Prune the params `inner` optimizes; see the module docstring and the README (pruning).
+  """Prune the params `inner` optimizes; see the module docstring and docs/pruning.md.
 
   Args:
     inner: the optimizer (wrap the whole chain; nothing after this may change updates).
@@ -375,6 +375,9 @@ def wrap(inner: optax.GradientTransformation, sparsity: float = 0.0,
       raise ValueError(f'params ({len(vals)} leaves), grads ({len(grads)}) and the pruning '
                        f'state ({len(old)} masks) do not have the same structure.')
     grads, old = [unwrap(g) for g in grads], [unwrap(m) for m in old]
+    for i in plan.pruned:          # eager calls only: under jit the loss guard sees a NaN
+      mask_lib.check_finite(path_str(paths[i]), weights=vals[i],
+                            gradients=grads[i] if c.method == 'saliency' else None)
     masks, grown = list(old), [None] * len(old)
     if plan.pruned:
       sel = lambda xs: [xs[i] for i in plan.pruned]

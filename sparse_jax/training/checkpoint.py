@@ -13,8 +13,11 @@ older steps. Restores take the newest step that
 passes its digests and loads; a step that fails is named in one line and moved aside to
 checkpoints/N.corrupt (never deleted; a read-only reader skips it instead). A step
 without a manifest (written by older code, or the run was killed between finalising and
-digesting it) is accepted if it loads. A save that fails raises SaveError once noticed
-(the next step on one process, else the next save), after removing its partial directory.
+digesting it) is accepted if it loads. A sound step whose state has another structure than
+the one the command builds (another model, a pruner turned on or off) is refused with
+StructureError, which names the first differing tensor; it is not damage and nothing is
+moved. A save that fails raises SaveError once noticed (the next step on one process,
+else the next save), after removing its partial directory.
 """
 from __future__ import annotations
 
@@ -46,6 +49,10 @@ class SaveError(RuntimeError):
   """An asynchronous save failed (disk full, permissions, ...); one-line message."""
 
 
+class StructureError(ConfigError):
+  """A sound checkpoint whose state does not fit the state the command builds."""
+
+
 def _storable(state):
   """Typed PRNG keys -> raw uint32 data, which orbax can store."""
   return jax.tree.map(lambda x: jax.random.key_data(x)
@@ -62,6 +69,30 @@ def _abstract(state, shardings):
   """What orbax restores into: shapes, dtypes and shardings of the checkpointed state."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                       _storable(state), shardings)
+
+
+def _leaf_name(path) -> str:
+  """'0.blocks.1.ffn.wi.value' -> 'model/blocks/1/ffn/wi' (1. is the optimizer)."""
+  parts = jax.tree_util.keystr(path, simple=True, separator='/').split('/')
+  if parts[-1] == 'value':
+    parts = parts[:-1]
+  return '/'.join([{'0': 'model', '1': 'optimizer'}.get(parts[0], parts[0])] + parts[1:])
+
+
+def _shapes(tree) -> dict[str, tuple]:
+  return {_leaf_name(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def structure_difference(want: dict, have: dict) -> str | None:
+  """The first difference between two {leaf: shape} maps, in words, or None."""
+  for name in sorted(set(want) | set(have)):
+    if name not in have:
+      return f'{name} is in the state this command builds but not in the checkpoint'
+    if name not in want:
+      return f'{name} is in the checkpoint but not in the state this command builds'
+    if want[name] != have[name]:
+      return f'{name} has shape {have[name]} in the checkpoint but {want[name]} here'
+  return None
 
 
 def _one_line(e: BaseException) -> str:
@@ -147,7 +178,15 @@ class Checkpoints:
     return from_saved(saved['config'])
 
   def restore(self, step: int, state, shardings, data_iterator=None):
-    """The state saved at `step`, placed like `state`; the iterator is moved in place."""
+    """The state saved at `step`, placed like `state`; the iterator is moved in place.
+    StructureError, before anything is read, when the step holds another structure."""
+    stored = ocp.StandardCheckpointHandler().metadata(self.dir / str(step) / 'state')
+    difference = structure_difference(_shapes(_storable(state)), _shapes(stored))
+    if difference is not None:
+      raise StructureError(
+          f'checkpoint step {step} in {self.dir} holds another model or optimizer state than '
+          f'this config builds ({difference}): resume it with the config it was written '
+          'with, or use a new --workdir')
     items = {'state': ocp.args.StandardRestore(_abstract(state, shardings))}
     if data_iterator is not None:
       items['data'] = ocp.args.JsonRestore()
@@ -189,7 +228,10 @@ class Checkpoints:
     except Exception as e:  # pylint: disable=broad-except
       self._failed(step, e)
     if self._lead:
-      digests.write_manifest(self.dir / str(step))
+      try:
+        digests.write_manifest(self.dir / str(step))
+      except OSError as e:        # e.g. the disk filled up after orbax finalised the step
+        self._failed(step, e)
     self._sync('digests')
     verified = [s for s in self.steps() if digests.has_manifest(self.dir / str(s))]
     if len(verified) > self.keep:

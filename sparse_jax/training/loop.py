@@ -21,6 +21,7 @@ from sparse_jax import data, sharding
 from sparse_jax.analysis.accounting import flops_from_config, params_from_config
 from sparse_jax.config import ConfigError, Spec, check_resume, resolve
 from sparse_jax.training import checkpoint
+from sparse_jax.training.metrics import MetricsWriter, WriteError
 from sparse_jax.training.steps import bits_per_byte, build, memory
 from sparse_jax.upcycle import upcycle
 
@@ -52,51 +53,6 @@ def _workdir_lock(workdir: pathlib.Path):
     f.write(str(os.getpid()))
     f.flush()
     yield
-
-
-class MetricsWriter:
-  """metrics.jsonl and TensorBoard events, written by process 0 only."""
-
-  def __init__(self, workdir: pathlib.Path, resume_step: int | None):
-    self.active = jax.process_index() == 0
-    self.path = workdir / 'metrics.jsonl'
-    self.tb = None
-    if not self.active:
-      return
-    # Rows past the checkpoint we resume from were made by the run that died: drop them,
-    # and a last row cut off by a kill mid-write.
-    rows = []
-    if resume_step is not None and self.path.exists():
-      lines = [r for r in self.path.read_text().splitlines() if r]
-      if lines and not _is_json(lines[-1]):
-        print(f'note: dropped a cut-off last line of {self.path}', file=sys.stderr)
-        lines = lines[:-1]
-      rows = [r for r in lines if json.loads(r)['step'] <= resume_step]
-    self.path.write_text(''.join(r + '\n' for r in rows))
-    from tensorboardX import SummaryWriter
-    self.tb = SummaryWriter(str(workdir / 'tb'))
-
-  def write(self, row: dict):
-    if not self.active:
-      return
-    with self.path.open('a') as f:
-      f.write(json.dumps(row) + '\n')
-    tag = row.get('split', 'train')
-    for k, v in row.items():
-      if k not in ('step', 'split') and isinstance(v, (int, float)):
-        self.tb.add_scalar(f'{tag}/{k}', v, row['step'])
-
-  def close(self):
-    if self.tb is not None:
-      self.tb.close()
-
-
-def _is_json(line: str) -> bool:
-  try:
-    json.loads(line)
-    return True
-  except json.JSONDecodeError:
-    return False
 
 
 def _to_host(tree) -> dict:
@@ -140,6 +96,11 @@ def check_data(spec: Spec, info: dict) -> None:
   train() needs at its first evaluation, eval_every steps in)."""
   t, sizes = spec.train, {k: v.get('bytes') for k, v in info['splits'].items()}
   if sizes.get('train') == 0:
+    if sizes.get('validation'):
+      raise DataError(
+          f'the train split of {spec.data_source} holds no text: all of its '
+          f'{sizes["validation"]:,} bytes fall in the validation split (files are split by a '
+          'hash of their path, about 1 in 20 to validation); give more files')
     raise DataError(f'the train split of {spec.data_source} holds no text (0 bytes); point '
                     '--config.data.source at files that are not empty')
   it = data_iterator(spec, 'validation', train=False)
@@ -213,19 +174,24 @@ def _train(config, spec: Spec, workdir: pathlib.Path, progress) -> int:
   check_data(spec, info)
 
   ckpt = checkpoint.Checkpoints(workdir, keep=t.keep_checkpoints)
+  _refuse_unfit_resume(ckpt, config, workdir)        # before anything is built or compiled
   model = None
   if not ckpt.steps() and spec.upcycle_from:
-    _, dense_spec, dense = checkpoint.load_model(pathlib.Path(spec.upcycle_from), mesh)
-    model = upcycle(dense, spec.model, mesh=mesh, noise=spec.upcycle_noise,
-                    router_init_scale=spec.upcycle_router_init_scale, seed=spec.seed)
+    try:
+      _, dense_spec, dense = checkpoint.load_model(pathlib.Path(spec.upcycle_from), mesh)
+      model = upcycle(dense, spec.model, mesh=mesh, noise=spec.upcycle_noise,
+                      router_init_scale=spec.upcycle_router_init_scale, seed=spec.seed)
+    except ValueError as e:      # no checkpoint, an MoE source, another width or depth
+      raise ConfigError(f'init.upcycle_from={spec.upcycle_from}: {e}') from None
     say(f'upcycled from {spec.upcycle_from} ({dense_spec.model.num_layers} dense '
         f'blocks -> {spec.model.moe.num_experts} experts per MoE block)')
   steps = build(spec, mesh, model)
   train_it = data_iterator(spec, 'train', train=True)
 
   def resume(step):
-    check_resume(ckpt.config(step), config, f'{ckpt.dir} (step {step})')
-    return ckpt.restore(step, steps.state, steps.shardings, train_it)
+    with _compress_hint(workdir):
+      check_resume(ckpt.config(step), config, f'{ckpt.dir} (step {step})')
+      return ckpt.restore(step, steps.state, steps.shardings, train_it)
 
   start, state = ckpt.newest(resume)
   if start is None:
@@ -255,7 +221,7 @@ def _train(config, spec: Spec, workdir: pathlib.Path, progress) -> int:
   say(f"memory per device: state {mem['state_bytes_per_device']:,} bytes "
       f"(fsdp={spec.fsdp}), train step temporaries {mem['compiled_temp_bytes']:,} bytes "
       f"(remat={t.remat!r}, dtype={spec.model.dtype!r}, microbatches={t.microbatches})")
-  writer = MetricsWriter(workdir, start if start else None)
+  writer = None
   tokens_per_step = t.batch_size * t.seq_len
   bar = progress or tqdm(total=t.steps, initial=start, disable=not lead, unit='step',
                          dynamic_ncols=True)
@@ -263,6 +229,7 @@ def _train(config, spec: Spec, workdir: pathlib.Path, progress) -> int:
   step = start
   with _sigterm_flag() as stop:
     try:
+      writer = MetricsWriter(workdir, start if start else None)
       while step < t.steps:
         if spec.profile_steps and step == start + 1:          # after the compiling step
           jax.profiler.start_trace(str(workdir / 'profile'))
@@ -307,8 +274,8 @@ def _train(config, spec: Spec, workdir: pathlib.Path, progress) -> int:
         if step % t.checkpoint_every == 0 or step == t.steps:
           ckpt.save(step, state, train_it, config)
       ckpt.settle()
-    except checkpoint.SaveError as e:
-      print(f'error: {e}', file=sys.stderr)
+    except (checkpoint.SaveError, WriteError) as e:
+      _report_failed_write(ckpt, e)
       code = 1
     finally:
       if profiling:
@@ -316,5 +283,43 @@ def _train(config, spec: Spec, workdir: pathlib.Path, progress) -> int:
       ckpt.close()
       if progress is None:
         bar.close()
-      writer.close()
+      if writer is not None:
+        writer.close()
   return code
+
+
+@contextlib.contextmanager
+def _compress_hint(workdir: pathlib.Path):
+  """A refused resume of a sparse_jax.compress output names the config it needs."""
+  try:
+    yield
+  except ConfigError as e:
+    if (workdir / 'compress.json').exists() and (workdir / 'config.py').exists():
+      raise ConfigError(f'{e} (this workdir was written by sparse_jax.compress: resume it '
+                        f'with --config={workdir / "config.py"})') from None
+    raise
+
+
+def _refuse_unfit_resume(ckpt: checkpoint.Checkpoints, config, workdir: pathlib.Path):
+  """check_resume against the newest step whose config reads (a damaged step is left to
+  Checkpoints.newest), so that a refusal comes before the model and optimizer are built."""
+  for step in ckpt.steps():
+    try:
+      saved = ckpt.config(step)
+    except Exception:  # pylint: disable=broad-except  # damage: newest() names and handles it
+      continue
+    with _compress_hint(workdir):
+      check_resume(saved, config, f'{ckpt.dir} (step {step})')
+    return
+
+
+def _report_failed_write(ckpt: checkpoint.Checkpoints, e: OSError | checkpoint.SaveError):
+  """One line on stderr. A failed metrics or events write first settles the pending save,
+  so the line names the newest verified checkpoint as it is now."""
+  if isinstance(e, WriteError):
+    with contextlib.suppress(checkpoint.SaveError):     # its own failure changes nothing
+      ckpt.settle()
+    good = ckpt.newest_verified()
+    e = (f'{e}; the newest verified checkpoint is '
+         f'{"step " + str(good) if good is not None else "none"} in {ckpt.dir}')
+  print(f'error: {e}', file=sys.stderr, flush=True)
