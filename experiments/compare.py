@@ -1,6 +1,6 @@
 """The main job: dense vs MoE vs pruned language models under matched compute.
 
-  python experiments/compare.py --preset=quick   # 1 seed, ~15 min on 2 CPU cores
+  python experiments/compare.py --preset=quick   # 1 seed, ~26 min on 2 CPU cores
   python experiments/compare.py --preset=full    # 3 seeds, 1.25x the tokens
 
 Every model trains on the same tokens (same data seed) with the same optimizer on 8

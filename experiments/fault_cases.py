@@ -36,7 +36,6 @@ import common
 
 ROOT = common.ROOT
 TINY = ROOT / 'configs' / 'tiny.py'
-ENV = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
 
 
 def _lines(stderr: str) -> list[str]:
@@ -60,9 +59,10 @@ def _lines(stderr: str) -> list[str]:
 def run(module: str, *args, wait=True, **popen):
   cmd = [sys.executable, '-m', f'sparse_jax.{module}', *map(str, args)]
   if not wait:
-    return subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+    return subprocess.Popen(cmd, cwd=ROOT, env=common.cpu_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **popen)
-  r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+  r = subprocess.run(cmd, cwd=ROOT, env=common.cpu_env(), capture_output=True, text=True,
+                     timeout=600)
   return r.returncode, _lines(r.stderr)
 
 

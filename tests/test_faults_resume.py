@@ -107,6 +107,7 @@ def _train_cli(workdir, data_dir, *flags):
   return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_a_full_disk_under_tb_ends_the_run_in_one_line(data_dir, tmp_path):
   """tensorboardX's writer thread used to die here and leave add_scalar blocked forever;
   a subprocess with a timeout turns a hang into a failure."""
@@ -153,6 +154,7 @@ class _FillAfter:
     print(text)
 
 
+@pytest.mark.slow
 def test_a_full_disk_under_metrics_ends_the_run_in_one_line(data_dir, tmp_path, capsys):
   workdir = tmp_path / 'run'
   _mount_tmpfs(workdir, '32m')
@@ -172,6 +174,7 @@ def test_a_full_disk_under_metrics_ends_the_run_in_one_line(data_dir, tmp_path, 
 
 # --- upcycling from the wrong source ---------------------------------------------------
 
+@pytest.mark.slow
 def test_upcycling_from_an_moe_workdir_exits_2_in_one_line(run10, data_dir, tmp_path):
   r = _train_cli(tmp_path / 'up', data_dir, f'--config.init.upcycle_from={run10}')
   assert r.returncode == 2, r.stderr
