@@ -1,6 +1,6 @@
 """Dense building blocks: parameter init, the FFN rule, DenseFFN, RMSNorm, RoPE, attention.
 
-Shape legend (the project's, docs/design.md): B batch, L length, D d_model, F d_ff,
+Shape legend (the project's, docs/architecture.md): B batch, L length, D d_model, F d_ff,
 H heads, Dh head dim (H * Dh = D unless the model was compacted after head pruning),
 N rows (tokens flattened).
 """

@@ -1,6 +1,6 @@
 """NNX mixture-of-experts layers: route -> dispatch -> exchange -> experts -> exchange -> combine.
 
-Shape legend (the project's, docs/design.md): B batch, L length, D d_model, F d_ff,
+Shape legend (the project's, docs/architecture.md): B batch, L length, D d_model, F d_ff,
 E experts, K choices per token, G groups, S tokens per group, C capacity,
 P expert-parallel degree (mesh axis 'expert').
 

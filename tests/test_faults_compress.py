@@ -2,11 +2,11 @@
 (compressed outputs, runs trained with a pruner, upcycled runs) and writes its output
 atomically; compaction refuses bad kept indices; pruning refuses non-finite weights and
 calibration inputs, naming the leaf. Each test causes the fault."""
-import json
 import os
 import pathlib
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -124,7 +124,6 @@ def test_an_interrupted_compress_leaves_no_output_and_the_rerun_completes(data_d
           '--cpu_devices=8']
   p = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
   work = tmp_path / '.dst.incomplete'
-  import time
   deadline = time.time() + 240
   while not (work / 'checkpoints').exists() and p.poll() is None:   # killed mid-write
     assert time.time() < deadline
