@@ -6,8 +6,8 @@ the layer library does not pull in the data, checkpoint or plotting stacks.
 import importlib
 
 __version__ = '0.1.0'
-__all__ = ['analysis', 'config', 'data', 'dispatch', 'layers', 'models', 'moe', 'pruning',
-           'routing', 'sharding', 'specs', 'training', 'upcycle']
+__all__ = ['analysis', 'config', 'data', 'dispatch', 'hub', 'layers', 'mla', 'models', 'moe',
+           'pruning', 'routing', 'sharding', 'specs', 'training', 'upcycle']
 
 
 def __getattr__(name):

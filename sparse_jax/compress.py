@@ -35,7 +35,7 @@ from absl import flags, logging
 from flax import nnx
 
 from sparse_jax import data, pruning
-from sparse_jax.config import ConfigError, parse_n_m, resolve, validate
+from sparse_jax.config import ConfigError, parse_n_m, resolve, validate, write_workdir_config
 from sparse_jax.pruning import compaction, experts, post_training
 from sparse_jax.training import checkpoint, loop
 from sparse_jax.training.steps import build
@@ -61,17 +61,6 @@ flags.DEFINE_integer('calibration_batches', 4, 'Training batches of calibration 
                      **_DEFINE)
 flags.DEFINE_integer('cpu_devices', None, 'Simulate this many CPU devices (CPU only).',
                      lower_bound=1, **_DEFINE)
-
-CONFIG_PY = '''"""The config of the compressed model in this directory (written by sparse_jax.compress)."""
-import json
-import pathlib
-
-from sparse_jax.config import from_saved
-
-
-def get_config():
-  return from_saved(json.loads(pathlib.Path(__file__).with_name('config.json').read_text()))
-'''
 
 
 class FlagError(ConfigError):
@@ -144,7 +133,8 @@ def calibration_tokens(spec, batches: int):
   """int32[batches * batch_size, seq_len] from the training split (seeded, shuffled)."""
   it = data.make_iterator(spec.data_source, 'train', seq_len=spec.train.seq_len,
                           batch_size=spec.train.batch_size, seed=spec.seed, shuffle=True,
-                          repeat=True, data_dir=spec.data_dir)
+                          repeat=True, data_dir=spec.data_dir, tokenizer=spec.data_tokenizer,
+                          eod_id=spec.eod_id)
   out = np.concatenate([next(it)['inputs'] for _ in range(batches)])
   it.close()
   return out
@@ -226,6 +216,10 @@ def compress(f: Options) -> dict:
                       f'{moe.num_experts} experts of the model in --workdir={f.workdir}'
                       if moe else f'--method=experts: --workdir={f.workdir} holds a dense '
                       'model')
+    try:
+      loop.check_vocab(spec)
+    except loop.DataError as e:       # a ConfigError passes through newest(): not damage
+      raise FlagError(e) from None
     mesh = loop.make_mesh(spec)
     steps = build(spec, mesh)
     it = loop.data_iterator(spec, 'train', train=True)
@@ -293,13 +287,14 @@ def compress(f: Options) -> dict:
   it.close()
   small, _ = nnx.merge(new_steps.graphdef, state)
   after = {**loop.evaluate(new_spec, small, new_mesh), 'params': _sizes(small)}
-  (work / 'config.json').write_text(new.to_json())
-  (work / 'config.py').write_text(CONFIG_PY)
+  write_workdir_config(work, new, 'sparse_jax.compress')
+  if (src_dir / 'hf').is_dir():          # an imported model's source config and tokenizer,
+    shutil.copytree(src_dir / 'hf', work / 'hf')           # which convert --to_hf writes back
 
   result = {'source': str(src_dir), 'step': step, 'method': f.method,
             'flags': {k: getattr(f, k) for k in ('sparsity', 'n_m', 'targets', 'keep', 'score',
                                                  'merge', 'calibration_batches')},
-            **{name: {'val_loss': r['loss'], 'bpb': r['bpb'], 'params': r['params']}
+            **{name: {'val_loss': r['loss'], 'bpb': r.get('bpb', math.nan), 'params': r['params']}
                for name, r in (('before', before), ('after', after))}, **record}
   (work / 'compress.json').write_text(json.dumps(result, indent=1, default=float))
   if dst_dir.exists():

@@ -21,13 +21,17 @@ import ml_collections
 from sparse_jax import expert_parallel, pruning, routing
 from sparse_jax.dispatch import BACKENDS
 from sparse_jax.grouped_matmul import GROUPED_MATMULS
-from sparse_jax.layers import ACTIVATIONS
+from sparse_jax.layers import ACTIVATIONS, QK_NORMS
 from sparse_jax.moe import BALANCING, EXPERT_COMPUTE, ROUTINGS
 from sparse_jax.sharding import mesh_sizes
 # The specs live in specs.py; importing them from here keeps one boundary module.
 from sparse_jax.specs import ModelSpec, MoESpec, PruningSpec, Spec, TrainSpec  # noqa: F401
 
 DTYPES = ('float32', 'bfloat16')
+# The Hugging Face architectures sparse_jax.hub reads and writes (hub/families.py).
+ARCHITECTURES = ('LlamaForCausalLM', 'MistralForCausalLM', 'MixtralForCausalLM',
+                 'Qwen2MoeForCausalLM', 'Qwen3MoeForCausalLM', 'OlmoeForCausalLM',
+                 'DeepseekV3ForCausalLM')
 REMAT = ('none', 'block')
 
 
@@ -40,6 +44,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.source = 'stdlib'     # 'stdlib' | 'tfds:NAME[:FEATURE]' | 'files:GLOB[,GLOB]'
   c.data.data_dir = ''         # '' -> $SPARSE_JAX_DATA or ~/.cache/sparse_jax
+  c.data.tokenizer = 'bytes'   # bytes | the path of a tokenizer.json (an imported model's)
+  c.data.eod_id = 0            # the token appended to each document
 
   c.model = ml_collections.ConfigDict()
   c.model.vocab_size = 256
@@ -53,6 +59,19 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.init_scale = 1.0
   c.model.param_dtype = 'float32'   # parameters and optimizer state
   c.model.dtype = 'float32'         # compute: activations and matmuls (float32 | bfloat16)
+  c.model.num_kv_heads = 0          # key/value heads (grouped-query attention); 0: num_heads
+  c.model.qk_norm = 'none'          # none | head (RMSNorm per head, Qwen3) | proj (OLMoE)
+  c.model.qkv_bias = False          # biases on the q, k, v projections (Qwen2)
+  c.model.qkv_clip = 0.0            # > 0: clamp q, k, v to [-qkv_clip, qkv_clip] (OLMoE)
+  c.model.rope_theta = 10000.0
+  c.model.norm_eps = 1e-6           # every RMSNorm's epsilon
+  c.model.architecture = ''         # Hugging Face architecture it exports as; '' native
+  c.model.kv_lora_rank = 0          # > 0: multi-head latent attention (DeepSeek), with
+  c.model.q_lora_rank = 0           #   these ranks (q: 0 = no q latent) and head dims
+  c.model.qk_nope_head_dim = 0
+  c.model.qk_rope_head_dim = 0
+  c.model.v_head_dim = 0
+  c.model.rope_interleave = False   # RoPE pairs channels (2i, 2i+1) (DeepSeek)
 
   c.moe = ml_collections.ConfigDict()
   c.moe.num_experts = 0        # 0: every FFN dense
@@ -63,8 +82,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.moe.allow_lookahead = False
   c.moe.moe_every = 2          # block i is MoE if i >= moe_offset and
   c.moe.moe_offset = 1         #   (i - moe_offset) % moe_every == 0
+  c.moe.dense_layers = ''      # blocks kept dense whatever moe_every says, e.g. '0,3'
   c.moe.d_ff = 0               # expert width; 0 -> model.d_ff
   c.moe.shared_d_ff = 0        # > 0: an always-on shared expert of this width
+  c.moe.shared_gate = False    # scale the shared expert by sigmoid(x @ w) (Qwen2-MoE)
+  c.moe.router_score = 'softmax'  # softmax | sigmoid (DeepSeek-V3)
+  c.moe.n_group = 1            # group-limited top-k: the experts in n_group groups, of
+  c.moe.topk_group = 1         #   which each token may use its topk_group best
+  c.moe.routed_scale = 1.0     # factor on the routed combine weights
   c.moe.group_size = 0         # 0: all tokens of a device form one routing group
   c.moe.balancing = 'aux_loss'  # aux_loss | loss_free
   c.moe.bias_rate = 1e-3
@@ -161,18 +186,41 @@ def from_saved(saved: dict) -> ml_collections.ConfigDict:
   return c
 
 
-# Keys of the model sections that choose how the same function is computed, so a
-# checkpoint may resume with other values.
-_COMPUTE_KEYS = ('model.dtype', 'moe.expert_compute', 'moe.grouped_matmul', 'moe.block_size',
-                 'moe.ep_transport')
+# Keys of the model sections that choose how the same function is computed or trained,
+# not which function it is, so a checkpoint may resume with other values.
+RESUMABLE_KEYS = ('model.dtype', 'moe.expert_compute', 'moe.grouped_matmul', 'moe.block_size',
+                  'moe.ep_transport', 'moe.load_balance_coef', 'moe.z_loss_coef',
+                  'moe.bias_rate')
+
+
+_CONFIG_PY = '''"""The config of the model in this directory (written by {writer})."""
+import json
+import pathlib
+
+from sparse_jax.config import from_saved
+
+
+def get_config():
+  return from_saved(json.loads(pathlib.Path(__file__).with_name('config.json').read_text()))
+'''
+
+
+def write_workdir_config(directory: pathlib.Path, config: ml_collections.ConfigDict,
+                         writer: str) -> None:
+  """directory/config.json and directory/config.py, whose get_config() reads it back, so
+  that `sparse_jax.train --config=DIR/config.py --workdir=DIR` continues the model there."""
+  (directory / 'config.json').write_text(config.to_json())
+  (directory / 'config.py').write_text(_CONFIG_PY.format(writer=writer))
 
 
 def check_resume(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict,
-                 where: str) -> None:
-  """Refuse to resume the checkpoint `where` (written with `saved`) under `config` when
-  the model differs (any model.* or moe.* key but the compute choices), the pruning does
-  (pruning.*: its state is part of the checkpoint) or the global batch does; mesh, FSDP,
-  remat, micro-batches and device count may all change."""
+                 where: str, step: int | None = None) -> dict:
+  """Refuse to resume the checkpoint `where` (written with `saved`, at `step`) under
+  `config` when the model differs (any model.* or moe.* key but RESUMABLE_KEYS), the
+  pruning does (pruning.*: its state is part of the checkpoint) or the global batch does
+  (except at step 0, before any data was read); mesh, FSDP, remat, micro-batches and
+  device count may all change. Returns {key: (saved, new)} of the RESUMABLE_KEYS that
+  changed, for the trainer to record."""
   def flat(c, prefix):
     for key, value in c.items():
       if isinstance(value, ml_collections.ConfigDict):
@@ -183,18 +231,24 @@ def check_resume(saved: ml_collections.ConfigDict, config: ml_collections.Config
   old, new = dict(flat(saved, '')), dict(flat(config, ''))
   for key, value in new.items():
     section = key.split('.')[0]
-    if section in ('model', 'moe', 'pruning') and key not in _COMPUTE_KEYS and old[key] != value:
+    if section in ('model', 'moe', 'pruning') and key not in RESUMABLE_KEYS and old[key] != value:
       fix = ('use a new workdir, or set it back' if section != 'pruning' else
              'set it back, or prune the trained model into a new workdir with python -m '
              'sparse_jax.compress')
       raise ConfigError(f'{key}={value!r} differs from the checkpoint in {where}, which was '
                         f'written with {key}={old[key]!r}: a checkpoint only resumes the model '
                         f'and pruning it was written for; {fix}')
-  for key in ('train.batch_size', 'train.seq_len'):
+  for key in ('train.batch_size', 'train.seq_len') if step != 0 else ():
     if old[key] != new[key]:
       raise ConfigError(f'{key}={new[key]} differs from the checkpoint in {where} '
                         f'({old[key]}): resuming keeps the global batch so the data stream '
                         f'continues where it stopped; set {key}={old[key]}')
+  return {k: (old[k], new[k]) for k in RESUMABLE_KEYS if old[k] != new[k]}
+
+
+def parse_layers(text: str) -> tuple[int, ...]:
+  """'0,3' -> (0, 3); '' -> ()."""
+  return tuple(sorted({int(t) for t in text.split(',') if t.strip()}))
 
 
 def parse_n_m(text: str) -> tuple[int, int]:
@@ -225,12 +279,20 @@ def model_spec(config: ml_collections.ConfigDict) -> ModelSpec:
         expert_compute=None if moe.expert_compute == 'auto' else moe.expert_compute,
         grouped_matmul=None if moe.grouped_matmul == 'auto' else moe.grouped_matmul,
         block_size=moe.block_size, ep_transport=moe.ep_transport,
-        load_balance_coef=moe.load_balance_coef, z_loss_coef=moe.z_loss_coef)
+        load_balance_coef=moe.load_balance_coef, z_loss_coef=moe.z_loss_coef,
+        dense_layers=parse_layers(moe.dense_layers), shared_gate=moe.shared_gate,
+        router_score=moe.router_score, n_group=moe.n_group, topk_group=moe.topk_group,
+        routed_scale=float(moe.routed_scale))
   return ModelSpec(
       vocab_size=m.vocab_size, d_model=m.d_model, num_layers=m.num_layers,
       num_heads=m.num_heads, head_dim=m.head_dim or m.d_model // m.num_heads, d_ff=m.d_ff,
       activation=m.activation, tie_embeddings=m.tie_embeddings, init_scale=m.init_scale,
-      param_dtype=m.param_dtype, dtype=m.dtype, moe=moe_spec)
+      param_dtype=m.param_dtype, dtype=m.dtype, moe=moe_spec, num_kv_heads=m.num_kv_heads,
+      qk_norm=m.qk_norm, qkv_bias=m.qkv_bias, qkv_clip=float(m.qkv_clip), rope_theta=float(m.rope_theta),
+      norm_eps=float(m.norm_eps), architecture=m.architecture, q_lora_rank=m.q_lora_rank,
+      kv_lora_rank=m.kv_lora_rank, qk_nope_head_dim=m.qk_nope_head_dim,
+      qk_rope_head_dim=m.qk_rope_head_dim, v_head_dim=m.v_head_dim,
+      rope_interleave=m.rope_interleave)
 
 
 def resolve(config: ml_collections.ConfigDict, num_devices: int,
@@ -259,7 +321,9 @@ def resolve(config: ml_collections.ConfigDict, num_devices: int,
       fsdp=config.mesh.fsdp,
       upcycle_from=config.init.upcycle_from or None,
       upcycle_noise=config.init.upcycle_noise,
-      upcycle_router_init_scale=config.init.router_init_scale)
+      upcycle_router_init_scale=config.init.router_init_scale,
+      data_tokenizer=None if config.data.tokenizer == 'bytes' else config.data.tokenizer,
+      eod_id=config.data.eod_id)
 
 
 def _pruning_end_step(config) -> int:
@@ -311,6 +375,29 @@ def validate(config: ml_collections.ConfigDict, num_devices: int,
   choice('model.param_dtype', m.param_dtype, DTYPES)
   choice('model.dtype', m.dtype, DTYPES)
   need(m.init_scale > 0, f'model.init_scale={m.init_scale} must be > 0')
+  need(m.num_kv_heads >= 0 and (m.num_kv_heads == 0 or m.num_heads % m.num_kv_heads == 0),
+       f'model.num_kv_heads={m.num_kv_heads} must divide model.num_heads={m.num_heads} '
+       '(0 = one key/value head per query head)')
+  choice('model.qk_norm', m.qk_norm, QK_NORMS)
+  need(m.rope_theta > 0, f'model.rope_theta={m.rope_theta} must be > 0')
+  need(m.qkv_clip >= 0, f'model.qkv_clip={m.qkv_clip} must be >= 0 (0 = no clamp)')
+  if m.kv_lora_rank:
+    need(m.qk_rope_head_dim > 0 and m.qk_rope_head_dim % 2 == 0 and m.v_head_dim > 0
+         and m.qk_nope_head_dim >= 0 and m.q_lora_rank >= 0,
+         f'model.kv_lora_rank={m.kv_lora_rank} (latent attention) needs an even '
+         f'model.qk_rope_head_dim > 0 (got {m.qk_rope_head_dim}) and model.v_head_dim > 0 '
+         f'(got {m.v_head_dim})')
+    need(m.qk_norm == 'none' and not m.qkv_bias and not m.qkv_clip and not m.num_kv_heads,
+         'latent attention (model.kv_lora_rank > 0) takes no model.qk_norm, qkv_bias, '
+         'qkv_clip or num_kv_heads')
+  need(m.norm_eps > 0, f'model.norm_eps={m.norm_eps} must be > 0')
+  choice('model.architecture', m.architecture, ('',) + ARCHITECTURES)
+  tok = config.data.tokenizer
+  need(tok == 'bytes' or pathlib.Path(tok).is_file(),
+       f"data.tokenizer={tok!r} is neither 'bytes' nor a tokenizer.json file")
+  need(0 <= config.data.eod_id < m.vocab_size,
+       f'data.eod_id={config.data.eod_id} must be a token id below model.vocab_size='
+       f'{m.vocab_size}')
 
   need(moe.num_experts >= 0, f'moe.num_experts={moe.num_experts} must be >= 0 (0 = dense)')
   if moe.num_experts > 0:
@@ -341,6 +428,23 @@ def validate(config: ml_collections.ConfigDict, num_devices: int,
         problems.append(f"moe.routing='expert_choice': {str(e).rstrip('.')} (config key "
                         'moe.allow_lookahead)')
     need(moe.moe_every >= 1, f'moe.moe_every={moe.moe_every} must be >= 1')
+    try:
+      dense = parse_layers(moe.dense_layers)
+      need(all(0 <= i < m.num_layers for i in dense),
+           f'moe.dense_layers={moe.dense_layers!r} names a block outside [0, '
+           f'model.num_layers={m.num_layers})')
+    except (ValueError, AttributeError):
+      need(False, f"moe.dense_layers={moe.dense_layers!r} must be block indices separated "
+                  "by commas, e.g. '0,3' ('' = none)")
+    try:
+      routing.check_groups(moe.num_experts, moe.k, moe.router_score, moe.n_group,
+                           moe.topk_group)
+    except ValueError as e:
+      problems.append(f'{str(e).rstrip(".")} (keys moe.router_score, moe.n_group, '
+                      'moe.topk_group)')
+    need(moe.routed_scale > 0, f'moe.routed_scale={moe.routed_scale} must be > 0')
+    need(not moe.shared_gate or moe.shared_d_ff > 0,
+         'moe.shared_gate=True gates the shared expert: it needs moe.shared_d_ff > 0')
     need(0 <= moe.moe_offset < m.num_layers,
          f'moe.moe_offset={moe.moe_offset} must be in [0, model.num_layers={m.num_layers}) '
          'or no block would be MoE')
@@ -358,7 +462,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int,
     need(False, f'mesh.data/expert/model: {e}')
 
   if sizes is not None and sizes['model'] > 1:   # it splits heads and FFN hidden units
-    widths = {'model.num_heads': m.num_heads, 'model.d_ff': m.d_ff}
+    widths = {'model.num_heads': m.num_heads, 'model.d_ff': m.d_ff,
+              'model.num_kv_heads': m.num_kv_heads or m.num_heads}
     if moe.num_experts > 0 and moe.shared_d_ff > 0:
       widths['moe.shared_d_ff'] = moe.shared_d_ff
     for key, n in widths.items():
@@ -400,6 +505,13 @@ def validate(config: ml_collections.ConfigDict, num_devices: int,
     choice('pruning.distribution', pr.distribution, pruning.DISTRIBUTIONS)
     choice('pruning.scope', pr.scope, pruning.SCOPES)
     choice('pruning.structure', pr.structure, ('',) + pruning.STRUCTURE_KINDS)
+    need(pr.structure != 'heads' or (m.num_kv_heads in (0, m.num_heads) and not
+                                     m.kv_lora_rank and m.qk_norm != 'proj' and
+                                     not m.qkv_bias),
+         "pruning.structure='heads' removes whole q/k/v heads: it needs one key/value head "
+         "per query head, no latent attention, no model.qkv_bias and model.qk_norm other "
+         "than 'proj' (got "
+         f'num_kv_heads={m.num_kv_heads}, qkv_bias={m.qkv_bias}, qk_norm={m.qk_norm!r})')
     choice('pruning.targets', pr.targets, pruning.TARGETS)
     need(pr.update_every >= 1, f'pruning.update_every={pr.update_every} must be >= 1')
     need(pr.start_step >= 0, f'pruning.start_step={pr.start_step} must be >= 0')

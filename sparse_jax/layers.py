@@ -1,8 +1,8 @@
 """Dense building blocks: parameter init, the FFN rule, DenseFFN, RMSNorm, RoPE, attention.
 
 Shape legend (the project's, docs/architecture.md): B batch, L length, D d_model, F d_ff,
-H heads, Dh head dim (H * Dh = D unless the model was compacted after head pruning),
-N rows (tokens flattened).
+H heads, Hkv key/value heads, Dh head dim (H * Dh = D unless the model sets head_dim or
+was compacted after head pruning), N rows (tokens flattened).
 """
 from __future__ import annotations
 
@@ -135,31 +135,78 @@ def rope(x: jax.Array, theta: float = 10_000.0) -> jax.Array:
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
 
 
+QK_NORMS = ('none', 'head', 'proj')
+
+
+def _project(x, w, bias):
+  """x [B, L, D] @ w [D, N] (+ bias [N]) -> [B, L, N]."""
+  y = jnp.einsum('bld,dk->blk', x, as_compute(w[...], x))
+  return y if bias is None else y + as_compute(bias[...], x)
+
+
 class Attention(nnx.Module):
   """Causal multi-head self-attention with RoPE. x [B, L, D] -> [B, L, D], computed in
-  x's dtype. Heads are split over the mesh axis 'model'."""
+  x's dtype. Heads are split over the mesh axis 'model'.
+
+  num_kv_heads < num_heads is grouped-query attention (each key/value head serves
+  num_heads / num_kv_heads query heads). qk_norm: 'head' applies an RMSNorm over each
+  head's Dh channels of q and k (Qwen3), 'proj' one over the whole q and k projections
+  (OLMoE), both before RoPE. qkv_bias adds biases bq, bk, bv to the projections (Qwen2).
+  qkv_clip > 0 clamps q, k and v to [-qkv_clip, qkv_clip] after those norms (OLMoE).
+  """
 
   def __init__(self, d_model: int, num_heads: int, *, head_dim: int | None = None,
+               num_kv_heads: int | None = None, qk_norm: str = 'none',
+               qkv_bias: bool = False, qkv_clip: float = 0.0, rope_theta: float = 10_000.0,
+               norm_eps: float = 1e-6,
                init_scale: float = 1.0, param_dtype=jnp.float32, mesh: Mesh | None = None,
                rngs: nnx.Rngs):
     head_dim = head_dim or d_model // num_heads
     if head_dim % 2 or (head_dim == d_model // num_heads and d_model % num_heads):
       raise ValueError(f'd_model={d_model} must be num_heads={num_heads} times an even '
                        'head dimension (RoPE rotates channel pairs).')
-    self.num_heads = num_heads
-    inner = num_heads * head_dim
+    kv = num_kv_heads or num_heads
+    if num_heads % kv:
+      raise ValueError(f'num_kv_heads={kv} must divide num_heads={num_heads}.')
+    if qk_norm not in QK_NORMS:
+      raise ValueError(f'qk_norm={qk_norm!r} is unknown; use one of {QK_NORMS}.')
+    self.num_heads, self.num_kv_heads, self.rope_theta = num_heads, kv, rope_theta
     kw = dict(init_scale=init_scale, dtype=param_dtype, mesh=mesh)
     # Separate q, k, v kernels so a 'model' split of their output axis splits heads.
+    widths = (num_heads * head_dim, kv * head_dim, kv * head_dim)
     self.wq, self.wk, self.wv = (
-        weight(rngs.params(), (d_model, inner), names=(None, 'model'), **kw)
-        for _ in range(3))
-    self.wo = weight(rngs.params(), (inner, d_model), names=('model', None), **kw)
+        weight(rngs.params(), (d_model, n), names=(None, 'model'), **kw) for n in widths)
+    self.wo = weight(rngs.params(), (widths[0], d_model), names=('model', None), **kw)
+    self.bq, self.bk, self.bv = (
+        nnx.Param(jnp.zeros((n,), param_dtype), out_sharding=('model',),
+                  eager_sharding=False) if qkv_bias else None for n in widths)
+    self.q_norm, self.k_norm = (
+        None if qk_norm == 'none' else
+        RMSNorm(head_dim if qk_norm == 'head' else n, eps=norm_eps) for n in widths[:2])
+    self.qk_norm, self.qkv_clip = qk_norm, qkv_clip
+
+  def kernel_inputs(self, x: jax.Array) -> dict[str, jax.Array]:
+    """{kernel name: what it multiplies} for x [B, L, D]: x for wq, wk, wv, and the
+    attention context [B, L, H*Dh] for wo (what one-shot pruning calibrates on)."""
+    return {'wq': x, 'wk': x, 'wv': x, 'wo': self.context(x)}
 
   def __call__(self, x: jax.Array) -> jax.Array:
+    return jnp.einsum('blk,kd->bld', self.context(x), as_compute(self.wo[...], x))
+
+  def context(self, x: jax.Array) -> jax.Array:
+    """The heads' outputs, concatenated: [B, L, H*Dh], the input of wo."""
     check_floating(x, 'Attention')
     b, l, d = x.shape
-    q, k, v = (jnp.einsum('bld,dk->blk', x, as_compute(w[...], x))
-               .reshape(b, l, self.num_heads, -1)
-               for w in (self.wq, self.wk, self.wv))                    # [B, L, H, Dh]
-    out = jax.nn.dot_product_attention(rope(q), rope(k), v, is_causal=True)
-    return jnp.einsum('blk,kd->bld', out.reshape(b, l, -1), as_compute(self.wo[...], x))
+    q, k, v = (_project(x, w, bias)
+               for w, bias in ((self.wq, self.bq), (self.wk, self.bk), (self.wv, self.bv)))
+    if self.qk_norm == 'proj':
+      q, k = self.q_norm(q), self.k_norm(k)
+    if self.qkv_clip:
+      q, k, v = (jnp.clip(t, -self.qkv_clip, self.qkv_clip) for t in (q, k, v))
+    q = q.reshape(b, l, self.num_heads, -1)                              # [B, L, H, Dh]
+    k, v = (t.reshape(b, l, self.num_kv_heads, -1) for t in (k, v))      # [B, L, Hkv, Dh]
+    if self.qk_norm == 'head':
+      q, k = self.q_norm(q), self.k_norm(k)
+    out = jax.nn.dot_product_attention(rope(q, self.rope_theta), rope(k, self.rope_theta),
+                                       v, is_causal=True)
+    return out.reshape(b, l, -1)

@@ -26,8 +26,8 @@ from sparse_jax import dispatch as dispatch_lib
 from sparse_jax import expert_parallel
 from sparse_jax import grouped_matmul as gmm_lib
 from sparse_jax import routing as routing_lib
-from sparse_jax.layers import (DenseFFN, check_activation, check_floating, ffn,
-                               ffn_weight_names, weight)
+from sparse_jax.layers import (DenseFFN, as_compute, check_activation, check_floating,
+                               ffn, ffn_weight_names, weight)
 from sparse_jax.sharding import axis_size, reshard, token_axes
 
 ROUTINGS = ('top_k', 'expert_choice')
@@ -133,6 +133,9 @@ class _Settings:
   token_axes: tuple[str, ...]                 # mesh axes the tokens are split over
   ep: int                                     # size of mesh axis 'expert'
   ep_transport: str                           # dropless with ep > 1 (expert_parallel.py)
+  score: str = 'softmax'                      # router probabilities: softmax | sigmoid
+  groups: tuple[int, int] | None = None       # (n_group, topk_group) group-limited top-k
+  scale: float = 1.0                          # routed_scaling_factor
 
 
 def _route_groups(st: _Settings, logits: jax.Array, bias: jax.Array | None):
@@ -145,7 +148,8 @@ def _route_groups(st: _Settings, logits: jax.Array, bias: jax.Array | None):
     # Dropless keeps every choice: no expert can be asked for more than S slots.
     c = s if st.dispatch == 'dropless' else routing_lib.capacity(s, e, k, st.capacity_factor)
     route = functools.partial(routing_lib.route_top_k, k=k, capacity=c,
-                              normalize_weights=st.normalize_weights, bias=bias)
+                              normalize_weights=st.normalize_weights, bias=bias,
+                              score=st.score, groups=st.groups, scale=st.scale)
   return jax.vmap(route)(logits), c
 
 
@@ -204,6 +208,11 @@ class MoE(nnx.Module):
     init_scale, router_init_scale: weight init scales of the experts (and shared
       expert) and of the router (default: init_scale).
     shared_d_ff: width of an always-on shared expert beside the routed ones.
+    shared_gate: scale the shared expert's output by sigmoid(x @ shared_gate), a learned
+      [D, 1] gate (Qwen2-MoE); without it the output is simply added (DeepSeek).
+    router_score: 'softmax' or 'sigmoid' router probabilities; n_group, topk_group:
+      group-limited selection (routing.limit_groups; 1, 1 is none); routed_scale: a
+      factor on the combine weights (DeepSeek-V3: sigmoid, 8 groups, 4 kept, 2.5).
     expert_compute: 'loop' | 'batched' | None (default_expert_compute()).
     grouped_matmul, block_size: the dropless grouped matmul, 'blocked' | 'ragged_dot' |
       None (grouped_matmul.default_grouped_matmul()), and the blocked one's window rows.
@@ -239,14 +248,16 @@ class MoE(nnx.Module):
                router_init_scale: float | None = None, shared_d_ff: int | None = None,
                param_dtype=jnp.float32, expert_compute: str | None = None,
                grouped_matmul: str | None = None, block_size: int = 64,
-               ep_transport: str = 'all_to_all',
-               router: nnx.Module | None = None, experts: nnx.Module | None = None):
+               ep_transport: str = 'all_to_all', shared_gate: bool = False,
+               router_score: str = 'softmax', n_group: int = 1, topk_group: int = 1,
+               routed_scale: float = 1.0, router: nnx.Module | None = None, experts: nnx.Module | None = None):
     rngs = nnx.Rngs(0) if rngs is None else rngs
     ep = axis_size(mesh, 'expert')
     _validate(num_experts=num_experts, k=k, capacity_factor=capacity_factor,
               dispatch=dispatch, routing_name=routing, balancing=balancing, ep=ep,
               group_size=group_size)
     expert_parallel.check_transport(ep_transport, _platform(mesh))
+    routing_lib.check_groups(num_experts, k, router_score, n_group, topk_group)
     if routing == 'expert_choice':
       routing_lib.check_expert_choice(causal, allow_lookahead)
     axes = token_axes(mesh)
@@ -257,7 +268,8 @@ class MoE(nnx.Module):
         dispatch=dispatch, routing=routing,
         normalize_weights=k >= 2 if normalize_weights is None else normalize_weights,
         group_size=group_size, token_axes=axes if self.shards > 1 else (), ep=ep,
-        ep_transport=ep_transport)
+        ep_transport=ep_transport, score=router_score,
+        groups=(n_group, topk_group) if n_group > 1 else None, scale=routed_scale)
     self.balancing, self.bias_rate = balancing, bias_rate
     self.router = router or Router(
         d_model, num_experts, jitter=router_jitter, mesh=mesh, rngs=rngs,
@@ -270,6 +282,11 @@ class MoE(nnx.Module):
     self.shared = None if not shared_d_ff else DenseFFN(
         d_model, shared_d_ff, activation=activation, init_scale=init_scale,
         param_dtype=param_dtype, mesh=mesh, rngs=rngs)
+    if shared_gate and not shared_d_ff:
+      raise ValueError('shared_gate=True gates the shared expert: pass shared_d_ff > 0.')
+    self.shared_gate = weight(rngs.params(), (d_model, 1), init_scale=init_scale,
+                              dtype=param_dtype, names=(None, None),
+                              mesh=mesh) if shared_gate else None
 
   def routing_metrics(self, stats: dict[str, jax.Array]) -> dict[str, jax.Array]:
     """routing.routing_metrics of (summed) statistics of this layer."""
@@ -343,7 +360,11 @@ class MoE(nnx.Module):
     if train:
       self.update_bias(stats['demand'])
     if self.shared is not None:
-      y = y + self.shared(clean)
+      shared = self.shared(clean)
+      if self.shared_gate is not None:
+        shared = shared * jax.nn.sigmoid(
+            jnp.einsum('bld,do->blo', clean, as_compute(self.shared_gate[...], clean)))
+      y = y + shared
     return jnp.where(ok, y, _non_finite(x)), aux
 
 

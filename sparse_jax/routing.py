@@ -4,8 +4,10 @@ Shape legend: S tokens in the group, E experts, K experts per token, C capacity
 (slots per expert). Router logits are always float32.
 
 Semantics (docs/moe.md, "Routing semantics"):
-  * probs = softmax(logits); an optional selection bias [E] shifts the scores used to
-    *pick* experts (loss-free balancing) but never the combine weights.
+  * probs = softmax(logits) (or sigmoid(logits), DeepSeek-V3); an optional selection
+    bias [E] shifts the scores used to *pick* experts (loss-free balancing) but never the
+    combine weights. Group-limited selection (DeepSeek-V3) first keeps the topk_group of
+    n_group expert groups with the largest sum of their two best biased scores.
   * K == 1: weight = probs[e] (Switch). K >= 2: weights renormalised over the chosen K
     by default (GShard, Mixtral), before any dropping.
   * Slots are handed out choice-major then token-major: every token's first choice
@@ -101,32 +103,73 @@ def queue_positions(expert: jax.Array, num_experts: int,
   return pos if requested is None else jnp.where(requested, pos, -1)
 
 
+SCORES = ('softmax', 'sigmoid')
+
+
+def sigmoid_probs(logits: jax.Array) -> jax.Array:
+  """sigmoid(logits) in float32, 0 for a token with a non-finite logit (as router_probs)."""
+  logits = logits.astype(jnp.float32)
+  defined = jnp.all(jnp.isfinite(logits), axis=-1, keepdims=True)
+  return jnp.where(defined, jax.nn.sigmoid(jnp.where(defined, logits, 0.0)), 0.0)
+
+
+def limit_groups(scores: jax.Array, n_group: int, topk_group: int) -> jax.Array:
+  """scores f32[S, E] with the experts outside each token's topk_group best groups (of
+  n_group equal groups, a group scored by the sum of its two best experts) at -inf."""
+  s, e = scores.shape
+  grouped = scores.reshape(s, n_group, e // n_group)
+  best2 = jax.lax.top_k(grouped, min(2, e // n_group))[0].sum(-1)      # [S, n_group]
+  _, keep = jax.lax.top_k(best2, topk_group)                           # [S, topk_group]
+  mask = jnp.sum(jax.nn.one_hot(keep, n_group, dtype=jnp.int32), axis=1) > 0
+  return jnp.where(jnp.repeat(mask, e // n_group, axis=-1), scores, -jnp.inf)
+
+
 def route_top_k(logits: jax.Array, k: int, capacity: int, *,
                 normalize_weights: bool | None = None,
-                bias: jax.Array | None = None) -> RoutingPlan:
+                bias: jax.Array | None = None, score: str = 'softmax',
+                groups: tuple[int, int] | None = None,
+                scale: float = 1.0) -> RoutingPlan:
   """Token-choice top-k routing with capacity.
 
   logits: f32[S, E]; bias: f32[E] added to probs for selection only.
-  normalize_weights defaults to k >= 2.
+  normalize_weights defaults to k >= 2. score: 'softmax' or 'sigmoid' probabilities;
+  groups: (n_group, topk_group) for group-limited selection; scale multiplies the
+  weights last (DeepSeek-V3's routed_scaling_factor).
   """
   s, e = logits.shape
   if not 1 <= k <= e:
     raise ValueError(f'k={k} must be between 1 and the number of experts {e}.')
   if normalize_weights is None:
     normalize_weights = k >= 2
-  probs = router_probs(logits)                                         # [S, E]
+  probs = (router_probs if score == 'softmax' else sigmoid_probs)(logits)   # [S, E]
   scores = probs if bias is None else probs + bias.astype(jnp.float32)
+  if groups is not None:
+    scores = limit_groups(scores, *groups)
   _, expert = jax.lax.top_k(jax.lax.stop_gradient(scores), k)          # [S, K]
   weight = jnp.take_along_axis(probs, expert, axis=-1)                 # [S, K]
   requested = weight > 0
   if normalize_weights:
     total = jnp.sum(weight, axis=-1, keepdims=True)
     weight = weight / jnp.where(total > 0, total, 1.0)                 # 0, not 0/0
+  if scale != 1.0:
+    weight = weight * scale
   slot = queue_positions(expert, e, requested)
   kept = requested & (slot < capacity)
   return RoutingPlan(expert=expert.astype(jnp.int32),
                      weight=jnp.where(kept, weight, 0.0),
                      slot=slot.astype(jnp.int32), kept=kept)
+
+
+def check_groups(num_experts: int, k: int, score: str, n_group: int, topk_group: int):
+  """Refuse a score or group layout route_top_k cannot serve."""
+  if score not in SCORES:
+    raise ValueError(f'router score={score!r} is unknown; use one of {SCORES}.')
+  if n_group < 1 or num_experts % n_group or not 1 <= topk_group <= n_group:
+    raise ValueError(f'n_group={n_group} must divide the {num_experts} experts and '
+                     f'topk_group={topk_group} be between 1 and n_group.')
+  if n_group > 1 and k > topk_group * (num_experts // n_group):
+    raise ValueError(f'k={k} is more than the {topk_group * (num_experts // n_group)} '
+                     f'experts of topk_group={topk_group} groups of {num_experts // n_group}.')
 
 
 def route_expert_choice(logits: jax.Array, capacity: int) -> RoutingPlan:

@@ -34,6 +34,12 @@ class MoESpec:
   ep_transport: str
   load_balance_coef: float
   z_loss_coef: float
+  dense_layers: tuple[int, ...] = ()  # blocks that stay dense whatever moe_every says
+  shared_gate: bool = False        # the shared expert scaled by sigmoid(x @ w) (Qwen2-MoE)
+  router_score: str = 'softmax'    # router probabilities: softmax | sigmoid (DeepSeek-V3)
+  n_group: int = 1                 # group-limited top-k: experts in n_group groups, of
+  topk_group: int = 1              #   which each token's topk_group best are eligible
+  routed_scale: float = 1.0        # factor on the routed weights (routed_scaling_factor)
 
   def layer_kwargs(self) -> dict:
     """Keyword arguments of sparse_jax.moe.MoE beyond d_model, d_ff and num_experts."""
@@ -45,7 +51,9 @@ class MoESpec:
                 router_init_scale=self.router_init_scale,
                 shared_d_ff=self.shared_d_ff or None, expert_compute=self.expert_compute,
                 grouped_matmul=self.grouped_matmul, block_size=self.block_size,
-                ep_transport=self.ep_transport)
+                ep_transport=self.ep_transport, shared_gate=self.shared_gate,
+                router_score=self.router_score, n_group=self.n_group,
+                topk_group=self.topk_group, routed_scale=self.routed_scale)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,11 +71,32 @@ class ModelSpec:
   param_dtype: str
   dtype: str                       # compute dtype of activations and matmuls
   moe: MoESpec | None
+  num_kv_heads: int = 0            # key/value heads (grouped-query attention); 0: num_heads
+  qk_norm: str = 'none'            # RMSNorm of q and k: 'none' | 'head' (over each head's
+                                   #   Dh, Qwen3) | 'proj' (over the whole projection, OLMoE)
+  qkv_bias: bool = False           # biases on the q, k, v projections (Qwen2)
+  qkv_clip: float = 0.0            # > 0: clamp q, k, v to [-qkv_clip, qkv_clip] (OLMoE)
+  rope_theta: float = 10_000.0
+  norm_eps: float = 1e-6           # every RMSNorm's epsilon
+  architecture: str = ''           # the Hugging Face architecture it exports as; '' native
+  # Multi-head latent attention (sparse_jax.mla) when kv_lora_rank > 0 (DeepSeek).
+  q_lora_rank: int = 0             # 0: q straight from x
+  kv_lora_rank: int = 0
+  qk_nope_head_dim: int = 0
+  qk_rope_head_dim: int = 0
+  v_head_dim: int = 0
+  rope_interleave: bool = False    # RoPE pairs channels (2i, 2i+1) (DeepSeek) not (i, i+Dh/2)
+
+  @property
+  def kv_heads(self) -> int:
+    return self.num_kv_heads or self.num_heads
 
   def is_moe_block(self, i: int) -> bool:
-    """Block i is MoE when i >= moe_offset and (i - moe_offset) % moe_every == 0."""
+    """Block i is MoE when i >= moe_offset, (i - moe_offset) % moe_every == 0 and i is not
+    one of moe.dense_layers."""
     m = self.moe
-    return m is not None and i >= m.moe_offset and (i - m.moe_offset) % m.moe_every == 0
+    return (m is not None and i >= m.moe_offset and (i - m.moe_offset) % m.moe_every == 0
+            and i not in m.dense_layers)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,3 +167,5 @@ class Spec:
   upcycle_from: str | None
   upcycle_noise: float
   upcycle_router_init_scale: float
+  data_tokenizer: str | None = None  # a tokenizer.json; None: bytes
+  eod_id: int = 0                    # the token that ends each document

@@ -204,3 +204,22 @@ def test_bench_remat_cpu_shows_when_remat_saves(tmp_path):
           for r in json.loads((tmp_path / 'r.json').read_text())['rows']}
   assert rows[('memory-aware', 'argument, no gradient')] > 1.5
   assert all(v < 1.1 for k, v in rows.items() if k != ('memory-aware', 'argument, no gradient'))
+
+
+def test_bench_hub_load_measures_a_sharded_load(tmp_path):
+  """A quick folder loaded with FSDP over 8 devices: each device holds an eighth of the
+  parameters (norm scales replicated), and the numbers come with provenance."""
+  row = importlib.import_module('bench_hub_load').main(['--quick', '--out', str(tmp_path)])
+  result = json.loads((tmp_path / 'bench_hub_load.json').read_text())
+  _check_meta(result['meta'], corpus=False)
+  assert result['rows'] == [json.loads(json.dumps(row))]
+  assert row['param_bytes_per_device'] <= 1.15 * row['param_bytes'] / 8
+  assert row['peak_rss'] >= row['baseline_rss'] + row['param_bytes']
+
+
+@pytest.mark.slow
+def test_hub_reference_is_within_tolerance(tmp_path):
+  importlib.import_module('hub_reference').main(['--out', str(tmp_path)])
+  rows = json.loads((tmp_path / 'hub_reference.json').read_text())['rows']
+  assert len(rows) == 10 and all(r['one_device'] <= 1e-4 and r['mesh_2x4'] <= 1e-4
+                                 for r in rows)

@@ -123,3 +123,38 @@ def test_sharded_model_matches_single_device(shape):
   for path, v in nnx.to_flat_state(g0):
     np.testing.assert_allclose(flat1[path][...], v[...], atol=2e-5, rtol=1e-4,
                                err_msg=str(path))
+
+
+def test_tiny_loss_trace_is_what_it_was(data_dir, tmp_path, monkeypatch):
+  """configs/tiny.py trains as it did before the architectures of imported models (GQA,
+  q/k norms, biases, latent attention, other routers) were added: every new field's
+  default is the old behaviour. Bit for bit on the CPU model that recorded the trace;
+  elsewhere XLA may order reductions differently, so to float32 noise."""
+  import json
+  import pathlib
+  from sparse_jax import data
+  from sparse_jax.config import load_config
+  from sparse_jax.training import loop
+  root = pathlib.Path(__file__).resolve().parents[1]
+  ref = json.loads((root / 'tests' / 'data' / 'tiny_trace.json').read_text())
+  if data.prepare('stdlib', data_dir, verbose=False).get('fingerprint') != ref['corpus']:
+    pytest.skip('another corpus (another Python version): the trace cannot match')
+  monkeypatch.setenv('SPARSE_JAX_DATA', data_dir)
+  assert jax.device_count() == ref['devices']
+  assert loop.train(load_config(root / 'configs' / 'tiny.py'), tmp_path / 'run') == 0
+  rows = [json.loads(l) for l in (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()]
+  loss = [r['loss'] for r in rows if 'split' not in r]
+  if _cpu_flags_sha256() == ref['cpu_flags_sha256']:
+    assert loss == ref['loss']
+  else:
+    np.testing.assert_allclose(loss, ref['loss'], rtol=1e-5)
+
+
+def _cpu_flags_sha256():
+  """sha256 of this CPU's sorted feature flags (what XLA:CPU compiles for), or None."""
+  import hashlib
+  import pathlib
+  import re
+  cpu = pathlib.Path('/proc/cpuinfo')
+  found = re.search(r'^flags\s*: (.*)$', cpu.read_text(), re.M) if cpu.exists() else None
+  return found and hashlib.sha256(' '.join(sorted(found.group(1).split())).encode()).hexdigest()

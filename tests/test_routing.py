@@ -325,3 +325,22 @@ def test_top_k_properties(case):
     chosen = chosen / chosen.sum(-1, keepdims=True)
   np.testing.assert_allclose(w, np.where(kept, chosen, 0), rtol=1e-5, atol=1e-7)
   assert (w.sum(-1) <= 1 + 1e-6).all()
+
+
+def test_sigmoid_group_limited_routing_by_hand():
+  """DeepSeek-V3's rule on 4 experts in 2 groups, 1 group kept, k=2. Sigmoid scores
+  [0.9, 0.1, 0.6, 0.5], selection bias [0, 0, 0, 0.3]: group sums of the two best biased
+  scores are 1.0 and 1.4, so group {2, 3} is kept and experts 3 (0.8) and 2 (0.6) are
+  chosen; the weights are the unbiased scores, renormalised, times 2.5."""
+  p = np.array([[0.9, 0.1, 0.6, 0.5]])
+  logits = jnp.asarray(np.log(p / (1 - p)), jnp.float32)
+  bias = jnp.array([0, 0, 0, 0.3], jnp.float32)
+  plan = sj.routing.route_top_k(logits, 2, 4, normalize_weights=True, bias=bias,
+                             score='sigmoid', groups=(2, 1), scale=2.5)
+  np.testing.assert_array_equal(plan.expert, [[3, 2]])
+  np.testing.assert_allclose(plan.weight, [[2.5 * 0.5 / 1.1, 2.5 * 0.6 / 1.1]], rtol=1e-6)
+  ungrouped = sj.routing.route_top_k(logits, 2, 4, normalize_weights=True, bias=bias,
+                                  score='sigmoid')
+  np.testing.assert_array_equal(ungrouped.expert, [[0, 3]])
+  with pytest.raises(ValueError, match='n_group=3 must divide the 4 experts'):
+    sj.routing.check_groups(4, 2, 'sigmoid', 3, 1)

@@ -151,7 +151,12 @@ CONFIGS = {
     'switch': dict(num_experts=4, k=1),
     'top2': dict(num_experts=4, k=2),
     'shared': dict(num_experts=4, k=1, shared_d_ff=16),
+    # Imported architectures: GQA, q/k norms, q/k/v biases, a gated shared expert.
+    'qwen2_moe': dict(num_experts=4, k=2, shared_d_ff=16, shared_gate=True),
+    'olmoe': dict(num_experts=4, k=2),
 }
+MODEL = {'qwen2_moe': dict(num_heads=4, num_kv_heads=2, qkv_bias=True, qk_norm='head'),
+         'olmoe': dict(num_heads=4, num_kv_heads=2, qk_norm='proj', head_dim=16)}
 
 
 @pytest.mark.parametrize('name', CONFIGS)
@@ -159,11 +164,14 @@ def test_counts_match_config_accounting(name):
   c = _config(**CONFIGS[name])
   if name == 'top2':
     c.model.update(activation='swiglu', tie_embeddings=False)
+  c.model.update(MODEL.get(name, {}))
   m = _model(c)
   got, want = accounting.params_from_model(m), accounting.params_from_config(model_spec(c))
   for key in ('total', 'active', 'embedding', 'expert'):
     assert got[key] == want[key], key
-  assert got['nonzero'] == got['total'] and got['active_nonzero'] == got['active']
+  zero_biases = 2 * (32 + 2 * 16) if c.model.qkv_bias else 0     # they start at 0
+  assert got['nonzero'] == got['total'] - zero_biases
+  assert got['active_nonzero'] == got['active'] - zero_biases
   f = accounting.flops_from_model(m, c.train.seq_len)
   want = accounting.flops_from_config(model_spec(c), c.train.seq_len)
   assert f['forward'] == want['forward'] and f['train'] == want['train']

@@ -19,6 +19,7 @@ from flax import nnx
 
 from sparse_jax.config import ModelSpec
 from sparse_jax.layers import Attention, DenseFFN, RMSNorm
+from sparse_jax.mla import LatentAttention
 from sparse_jax.moe import MoE
 from sparse_jax.pruning.paths import plain_path
 
@@ -29,6 +30,34 @@ def _ffn_params(d, f, activation):
   return d * f * (3 if activation == 'swiglu' else 2)
 
 
+def _vectors(spec: ModelSpec) -> int:
+  """Parameters of a block that are no matmul weight: its norms, q/k norms, biases."""
+  if spec.kv_lora_rank:                                    # the latents' norms
+    return 2 * spec.d_model + spec.q_lora_rank + spec.kv_lora_rank
+  q, kv = spec.num_heads * spec.head_dim, spec.kv_heads * spec.head_dim
+  qk_norm = {'none': 0, 'head': 2 * spec.head_dim, 'proj': q + kv}[spec.qk_norm]
+  return 2 * spec.d_model + qk_norm + (q + 2 * kv if spec.qkv_bias else 0)
+
+
+def _attention_weights(spec: ModelSpec) -> int:
+  """The matmul weights of one attention layer."""
+  d, h = spec.d_model, spec.num_heads
+  if spec.kv_lora_rank:
+    qk = h * (spec.qk_nope_head_dim + spec.qk_rope_head_dim)
+    q = spec.q_lora_rank * (d + qk) if spec.q_lora_rank else d * qk
+    kv = d * (spec.kv_lora_rank + spec.qk_rope_head_dim) + spec.kv_lora_rank * h * (
+        spec.qk_nope_head_dim + spec.v_head_dim)
+    return q + kv + h * spec.v_head_dim * d
+  return 2 * d * h * spec.head_dim + 2 * d * spec.kv_heads * spec.head_dim
+
+
+def _score_width(spec: ModelSpec) -> int:
+  """Channels per token that QK^T and AV multiply: H * (qk head dim + v head dim)."""
+  if spec.kv_lora_rank:
+    return spec.num_heads * (spec.qk_nope_head_dim + spec.qk_rope_head_dim + spec.v_head_dim)
+  return 2 * spec.num_heads * spec.head_dim
+
+
 def params_from_config(spec: ModelSpec) -> dict[str, int]:
   """{'total', 'active', 'embedding', 'expert'}: totals over the whole model; 'active' is
   per token, embeddings excluded from both 'total' and 'active'."""
@@ -37,12 +66,12 @@ def params_from_config(spec: ModelSpec) -> dict[str, int]:
   total = active = d                                                   # final norm
   expert = 0
   for i in range(spec.num_layers):
-    block = 4 * d * spec.num_heads * spec.head_dim + 2 * d           # attention + norms
+    block = _attention_weights(spec) + _vectors(spec)
     total, active = total + block, active + block
     if spec.is_moe_block(i):
       moe = spec.moe
       one = _ffn_params(d, moe.d_ff, spec.activation)
-      shared = _ffn_params(d, moe.shared_d_ff, spec.activation)
+      shared = _ffn_params(d, moe.shared_d_ff, spec.activation) + (d if moe.shared_gate else 0)
       router = d * moe.num_experts
       expert += moe.num_experts * one
       total += moe.num_experts * one + shared + router
@@ -56,9 +85,10 @@ def params_from_config(spec: ModelSpec) -> dict[str, int]:
 def flops_from_config(spec: ModelSpec, seq_len: int) -> dict[str, float]:
   """Forward and training (3x forward) FLOPs per token, active experts only."""
   c = params_from_config(spec)
-  # Norm scales are not matmul weights; the output projection is.
-  matmul = c['active'] - (2 * spec.num_layers + 1) * spec.d_model + spec.vocab_size * spec.d_model
-  attention = spec.num_layers * 2 * 2 * seq_len * spec.num_heads * spec.head_dim  # QK^T, AV
+  # Norm scales and biases are not matmul weights; the output projection is.
+  matmul = (c['active'] - spec.num_layers * _vectors(spec) - spec.d_model
+            + spec.vocab_size * spec.d_model)
+  attention = spec.num_layers * 2 * seq_len * _score_width(spec)        # QK^T, AV
   forward = 2 * matmul + attention
   return {'forward': float(forward), 'train': 3.0 * forward}
 
@@ -78,7 +108,7 @@ def _param_table(model):
   kind: embedding | attention | ffn | router | experts | shared | norm | other.
   """
   modules = {p: n for p, n in nnx.iter_graph(model)
-             if isinstance(n, (Attention, DenseFFN, MoE, RMSNorm))}
+             if isinstance(n, (Attention, LatentAttention, DenseFFN, MoE, RMSNorm))}
   rows = []
   for path, leaf in _paths(nnx.state(model, nnx.Param)).items():
     kind, share = 'other', (1, 1)
@@ -87,13 +117,14 @@ def _param_table(model):
     for n in range(len(path) - 1, -1, -1):     # innermost module holding the param
       mod = modules.get(path[:n])
       if isinstance(mod, MoE):
-        kind = {'router': 'router', 'experts': 'experts', 'shared': 'shared'}.get(
-            path[n], 'other')
+        kind = {'router': 'router', 'experts': 'experts', 'shared': 'shared',
+                'shared_gate': 'shared'}.get(path[n], 'other')
         if kind == 'experts':   # stacked [E, ...]: a token uses K of them
           share = (mod.settings.k, mod.num_experts)
         break
       if mod is not None:
-        kind = {Attention: 'attention', DenseFFN: 'ffn', RMSNorm: 'norm'}[type(mod)]
+        kind = {Attention: 'attention', LatentAttention: 'attention', DenseFFN: 'ffn',
+                RMSNorm: 'norm'}[type(mod)]
         # A DenseFFN inside an MoE is its shared expert: keep looking outwards.
         if not any(isinstance(modules.get(path[:m]), MoE) for m in range(n)):
           break
@@ -197,6 +228,9 @@ def flops_from_model(model, seq_len: int) -> dict[str, float]:
   for _, node in nnx.iter_graph(model):
     if isinstance(node, Attention):
       parts['attention_scores'] += 2.0 * 2 * seq_len * node.wq.shape[-1]
+    elif isinstance(node, LatentAttention):
+      dn, dr, dv = node.dims
+      parts['attention_scores'] += 2.0 * seq_len * node.num_heads * (dn + dr + dv)
   forward = sum(parts.values())
   return {**parts, 'forward': forward, 'train': 3.0 * forward,
           'forward_nonzero': nonzero + parts['attention_scores']}

@@ -7,7 +7,8 @@ Shapes: `B` global batch (windows), `b = B // process_count` rows per process, `
   shuffle            by index, a new order each epoch (grain's per-epoch seed is seed' + epoch,
                      with seed' a hash of `seed`, so seeds 0 and 1 do not share epoch orders)
   repeat             forever when repeat=True; one pass otherwise
-  tokens             int32[n + 1]: the document's bytes, then EOD_TOKEN (0)
+  tokens             int32[n + 1]: the document's bytes, then EOD_TOKEN (0); or, with a
+                     tokenizer.json, its token ids, then eod_id
   pack               one stream cut into windows int32[L + 1] (grain ConcatThenSplit); a
                      final partial window is dropped, never padded
   window shuffle     shuffle=True only: windows shuffled in blocks of `window_shuffle`, so a
@@ -56,6 +57,22 @@ def tokenize(doc) -> dict[str, np.ndarray]:
   out[:-1] = np.frombuffer(doc, np.uint8)
   out[-1] = EOD_TOKEN
   return {_KEY: out}
+
+
+def tokenizer_fn(path: str, eod_id: int):
+  """Like tokenize, with the `tokenizers` library's reading of a tokenizer.json: the
+  document's ids (no special tokens added), then eod_id."""
+  from tokenizers import Tokenizer                 # imported only when a run names one
+  tok = Tokenizer.from_file(str(path))
+
+  def run(doc) -> dict[str, np.ndarray]:
+    if isinstance(doc, np.ndarray):
+      doc = doc.item()
+    if isinstance(doc, bytes):
+      doc = doc.decode('utf-8', errors='replace')
+    ids = tok.encode(doc, add_special_tokens=False).ids
+    return {_KEY: np.asarray(ids + [eod_id], np.int32)}
+  return run
 
 
 def _full_window(packed: dict) -> bool:
@@ -108,15 +125,16 @@ class _ThreadPrefetch(grain.experimental.ThreadPrefetchDatasetIterator):
 def make_iterator(source: str, split: str, *, seq_len: int, batch_size: int, seed: int,
                   shuffle: bool = True, repeat: bool = True, data_dir: str | None = None,
                   process_index: int = 0, process_count: int = 1,
-                  window_shuffle: int = 1024,
-                  prefetch: int = 2) -> grain.DatasetIterator:
+                  window_shuffle: int = 1024, prefetch: int = 2,
+                  tokenizer: str | None = None, eod_id: int = 0) -> grain.DatasetIterator:
   """A checkpointable iterator of {'inputs', 'targets'}: int32[b, seq_len] each.
 
   batch_size is GLOBAL; each process gets b = batch_size // process_count rows, rows
   [process_index*b, (process_index+1)*b) of the global batch. targets[:, i] is the token
   after inputs[:, i]. shuffle=False, repeat=False gives one pass in a fixed order (for
   evaluation). window_shuffle: windows per shuffle block (shuffle=True only); prefetch:
-  batches a background thread keeps ready (0: none).
+  batches a background thread keeps ready (0: none). tokenizer: a tokenizer.json whose
+  ids replace the bytes, each document ending in eod_id (None: bytes).
   """
   _check('seq_len', seq_len, 1, 'it is the number of tokens per row')
   _check('batch_size', batch_size, 1, 'it is the global number of rows per batch')
@@ -143,7 +161,7 @@ def make_iterator(source: str, split: str, *, seq_len: int, batch_size: int, see
     ds = ds.shuffle(seed=mixed)
   if repeat:
     ds = ds.repeat()
-  ds = ds.map(tokenize).to_iter_dataset(
+  ds = ds.map(tokenize if tokenizer is None else tokenizer_fn(tokenizer, eod_id)).to_iter_dataset(
       grain.ReadOptions(num_threads=2, prefetch_buffer_size=8))
   ds = grain.experimental.ConcatThenSplitIterDataset(ds, length_struct={_KEY: seq_len + 1})
   ds = _SlicesAsTuples(ds)

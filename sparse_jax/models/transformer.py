@@ -13,6 +13,7 @@ from jax.sharding import Mesh
 
 from sparse_jax.config import ModelSpec
 from sparse_jax.layers import Attention, DenseFFN, RMSNorm, as_compute
+from sparse_jax.mla import LatentAttention
 from sparse_jax.moe import MoE
 
 
@@ -26,9 +27,18 @@ class Block(nnx.Module):
                rngs: nnx.Rngs):
     d, dtype = spec.d_model, jnp.dtype(spec.param_dtype)
     self.sow_ffn_input = False
-    self.attn_norm, self.ffn_norm = RMSNorm(d), RMSNorm(d)
-    self.attn = Attention(d, spec.num_heads, head_dim=spec.head_dim,
-                          init_scale=spec.init_scale, param_dtype=dtype, mesh=mesh, rngs=rngs)
+    self.attn_norm, self.ffn_norm = RMSNorm(d, spec.norm_eps), RMSNorm(d, spec.norm_eps)
+    kw = dict(rope_theta=spec.rope_theta, norm_eps=spec.norm_eps, init_scale=spec.init_scale,
+              param_dtype=dtype, mesh=mesh, rngs=rngs)
+    if spec.kv_lora_rank:
+      self.attn = LatentAttention(
+          d, spec.num_heads, q_lora_rank=spec.q_lora_rank, kv_lora_rank=spec.kv_lora_rank,
+          qk_nope_head_dim=spec.qk_nope_head_dim, qk_rope_head_dim=spec.qk_rope_head_dim,
+          v_head_dim=spec.v_head_dim, rope_interleave=spec.rope_interleave, **kw)
+    else:
+      self.attn = Attention(d, spec.num_heads, head_dim=spec.head_dim,
+                            num_kv_heads=spec.kv_heads, qk_norm=spec.qk_norm,
+                            qkv_bias=spec.qkv_bias, qkv_clip=spec.qkv_clip, **kw)
     if use_moe:
       self.ffn = MoE(d, spec.moe.d_ff, spec.moe.num_experts, activation=spec.activation,
                      causal=causal, param_dtype=dtype, mesh=mesh, rngs=rngs,
@@ -38,9 +48,15 @@ class Block(nnx.Module):
                           init_scale=spec.init_scale, param_dtype=dtype, mesh=mesh,
                           rngs=rngs)
 
+  def inputs(self, x):
+    """(attention input, the residual after attention, FFN input), each [B, L, D]: the
+    one wiring of a block, which calibration (one-shot and expert pruning) reads too."""
+    a = self.attn_norm(x)
+    x = x + self.attn(a)
+    return a, x, self.ffn_norm(x)
+
   def __call__(self, x, train: bool):
-    x = x + self.attn(self.attn_norm(x))
-    h = self.ffn_norm(x)
+    _, x, h = self.inputs(x)
     if self.sow_ffn_input:
       self.sow(FFNInput, 'ffn_input', h)
     if isinstance(self.ffn, MoE):
@@ -77,7 +93,7 @@ class TransformerLM(nnx.Module):
     self.blocks = nnx.List([
         Block(spec, causal=causal, mesh=mesh, rngs=rngs, use_moe=spec.is_moe_block(i))
         for i in range(spec.num_layers)])
-    self.final_norm = RMSNorm(d)
+    self.final_norm = RMSNorm(d, spec.norm_eps)
     self.unembed = None if spec.tie_embeddings else nnx.Param(
         jax.random.normal(rngs.params(), (d, v), jnp.float32) * d ** -0.5,
         out_sharding=(None, None), eager_sharding=False)

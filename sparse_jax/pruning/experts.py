@@ -66,7 +66,7 @@ def moe_inputs(model, tokens):
   x = jnp.take(model.embed[...], tokens, axis=0).astype(model.dtype)
   for i, block in enumerate(model.blocks):
     if isinstance(block.ffn, MoE):
-      out[i] = (block.ffn, block.ffn_norm(x + block.attn(block.attn_norm(x))))
+      out[i] = (block.ffn, block.inputs(x)[2])
     x, _ = block(x, train=False)
   return out
 

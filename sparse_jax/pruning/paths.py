@@ -14,7 +14,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 # Kernels of FFNs, experts and attention in sparse_jax.models / sparse_jax.moe.
-KERNEL_NAMES = frozenset({'wi', 'wi_gate', 'wo', 'wq', 'wk', 'wv'})
+KERNEL_NAMES = frozenset({'wi', 'wi_gate', 'wo', 'wq', 'wk', 'wv',
+                          'wq_a', 'wq_b', 'wkv_a', 'wkv_b'})     # sparse_jax.mla
 # Never pruned by default, wherever they appear on the path.
 PROTECTED = frozenset({'router', 'embed', 'unembed', 'embedding', 'scale', 'bias'})
 
@@ -52,7 +53,8 @@ def flatten(tree) -> tuple[list[tuple], list, Any]:
 def default_prunable(path: tuple, leaf) -> bool:
   """2-D kernels and 3-D stacked-expert kernels of FFNs and attention.
 
-  Named wi, wi_gate, wo (dense FFN, Experts) or wq, wk, wv, wo (Attention); never
+  Named wi, wi_gate, wo (dense FFN, Experts), wq, wk, wv, wo (Attention) or wq_a, wq_b,
+  wkv_a, wkv_b (LatentAttention); never
   embeddings, norms, routers or biases. Decides from path, rank and dtype only, so it
   also works on tracers.
   """

@@ -5,7 +5,8 @@ sees on the calibration tokens, and those inputs come from the blocks below as a
 pruned (SparseGPT's and Wanda's sequential scheme); inside a block the attention is pruned
 first, so the FFN sees the pruned attention's output:
 
-  attention  wq, wk, wv <- norm(x);  wo <- the attention context (heads concatenated)
+  attention  each kernel <- its input, from the layer's kernel_inputs (wq, wk, wv <- norm(x);
+             wo <- the attention context, heads concatenated)
   dense FFN  wi (wi_gate) <- norm(x');  wo <- the hidden units act(norm(x') @ wi)
   experts    expert e's kernels <- the rows routed to e and kept (their hidden units for
              wo); an expert no calibration token reaches is pruned by magnitude
@@ -15,13 +16,11 @@ Shape legend: N calibration rows (tokens), D d_model, F d_ff, E experts.
 """
 from __future__ import annotations
 
-import copy
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from sparse_jax.layers import DenseFFN, ffn_hidden
 from sparse_jax.moe import MoE
@@ -32,14 +31,6 @@ from sparse_jax.pruning.paths import default_prunable
 PRUNERS = {'magnitude': oneshot.magnitude, 'wanda': oneshot.wanda,
            'sparsegpt': oneshot.sparsegpt}
 METHODS = tuple(PRUNERS)
-
-
-def _context(attn, a):
-  """The attention's input to wo, [B, L, H*Dh]: the layer itself with wo = identity."""
-  probe = copy.copy(attn)                              # a shallow copy: attn keeps its wo
-  inner = attn.wo.shape[0]
-  probe.wo = nnx.Param(jnp.eye(inner, dtype=attn.wo[...].dtype))
-  return probe(a)
 
 
 def prune_model(model, tokens, *, method: str, sparsity: float | None = None,
@@ -80,11 +71,10 @@ def prune_model(model, tokens, *, method: str, sparsity: float | None = None,
   x = jnp.take(model.embed[...], tokens, axis=0).astype(model.dtype)     # [B, L, D]
   for i, block in enumerate(model.blocks):
     at = ('blocks', i)
-    a = block.attn_norm(x)
-    for name in ('wq', 'wk', 'wv'):
-      prune(at + ('attn', name), getattr(block.attn, name), a)
-    prune(at + ('attn', 'wo'), block.attn.wo, _context(block.attn, a))
-    h = block.ffn_norm(x + block.attn(a))
+    a = block.inputs(x)[0]
+    for name, inputs in block.attn.kernel_inputs(a).items():
+      prune(at + ('attn', name), getattr(block.attn, name), inputs)
+    h = block.inputs(x)[2]                           # after the pruned attention
     rows = h.reshape(-1, h.shape[-1])                                    # [N, D]
     if isinstance(block.ffn, MoE):
       moe = block.ffn

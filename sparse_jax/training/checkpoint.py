@@ -21,6 +21,7 @@ else the next save), after removing its partial directory.
 """
 from __future__ import annotations
 
+import math
 import os
 import pathlib
 import re
@@ -34,7 +35,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from sparse_jax import digests
+from sparse_jax import digests, sharding
 from sparse_jax.config import ConfigError, from_saved, resolve
 from sparse_jax.training.steps import build
 
@@ -191,7 +192,7 @@ class Checkpoints:
     if data_iterator is not None:
       items['data'] = ocp.args.JsonRestore()
     restored = self._mngr.restore(step, args=ocp.args.Composite(**items))
-    if data_iterator is not None:
+    if data_iterator is not None and restored['data']:    # {}: saved at the data's start
       data_iterator.set_state(restored['data'])
     return _rewrap_keys(state, restored['state'])
 
@@ -203,7 +204,7 @@ class Checkpoints:
     try:
       self._mngr.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(_storable(state)),
-          data=ocp.args.JsonSave(data_iterator.get_state()),
+          data=ocp.args.JsonSave({} if data_iterator is None else data_iterator.get_state()),
           config=ocp.args.JsonSave(config.to_dict())))
     except Exception as e:  # pylint: disable=broad-except  # raised before the async part
       self._failed(step, e)
@@ -264,9 +265,27 @@ class Checkpoints:
       multihost_utils.sync_global_devices(f'sparse_jax.checkpoint.{name}')
 
 
-def load_model(run_dir: pathlib.Path, mesh):
-  """(config, spec, model) of a training run's newest good checkpoint, placed on `mesh`.
-  Reads only: the run's workdir is left as it is."""
+def fit_mesh(config: ml_collections.ConfigDict, mesh=None):
+  """(config on `mesh`, mesh): the run's config with its mesh replaced by `mesh`'s sizes
+  (default: every device here, the expert axis as large as the run's that divides them),
+  and the batch rounded up to split over it. Loading compiles no training step, so only
+  the model has to fit: a run trained with mesh.expert=8 loads on one device."""
+  c = config.copy_and_resolve_references()
+  if mesh is None:
+    n = jax.device_count()
+    expert = math.gcd(max(c.mesh.expert, 1), c.moe.num_experts or 1, n)
+    mesh = sharding.make_mesh(n // expert, expert, 1)
+  sizes = {a: sharding.axis_size(mesh, a) for a in ('data', 'expert', 'model')}
+  c.mesh.update(**sizes)
+  c.train.microbatches = 1
+  c.train.batch_size = math.lcm(c.train.batch_size, sizes['data'] * sizes['expert'])
+  return c, mesh
+
+
+def load_model(run_dir: pathlib.Path, mesh=None):
+  """(config, spec, model) of a training run's newest good checkpoint, placed on `mesh`
+  (any mesh the model fits, fit_mesh; default all devices here). Reads only: the run's
+  workdir is left as it is."""
   if not (pathlib.Path(run_dir) / 'checkpoints').is_dir():
     raise NoCheckpointError(f'no checkpoint in {run_dir / "checkpoints"} to load a model '
                             'from; train it first')
@@ -274,8 +293,9 @@ def load_model(run_dir: pathlib.Path, mesh):
 
   def load(step):
     config = ckpts.config(step)
-    spec = resolve(config, mesh.size)
-    steps = build(spec, mesh)
+    fitted, on = fit_mesh(config, mesh)
+    spec = resolve(fitted, on.size)
+    steps = build(spec, on)
     model, _ = nnx.merge(steps.graphdef, ckpts.restore(step, steps.state, steps.shardings))
     return config, spec, model
 

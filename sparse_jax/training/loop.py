@@ -70,7 +70,8 @@ def data_iterator(spec: Spec, split, *, train: bool):
     return data.make_iterator(
         spec.data_source, split, seq_len=t.seq_len, batch_size=t.batch_size,
         seed=spec.seed, shuffle=train, repeat=train, data_dir=spec.data_dir,
-        process_index=jax.process_index(), process_count=jax.process_count())
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        tokenizer=spec.data_tokenizer, eod_id=spec.eod_id)
   except ValueError as e:
     raise DataError(str(e)) from e
 
@@ -86,14 +87,33 @@ def _evaluate(eval_fn, state, spec: Spec, mesh) -> dict:
       break
   it.close()                                   # stop its prefetch thread now
   out = _to_host({k: v / n for k, v in sums.items()})
-  out['bpb'] = bits_per_byte(out['loss'])
+  if spec.data_tokenizer is None:              # byte tokens: nats per token -> bits per byte
+    out['bpb'] = bits_per_byte(out['loss'])
   out['batches'] = n
   return out
 
 
+def check_vocab(spec: Spec) -> None:
+  """The data's tokens are ids the model has (an out-of-range id would embed as NaN)."""
+  if spec.data_tokenizer is None:
+    if spec.model.vocab_size < 256:
+      raise DataError(f'model.vocab_size={spec.model.vocab_size} is below the 256 byte '
+                      "tokens of data.tokenizer='bytes'; set --config.data.tokenizer to the "
+                      "model's tokenizer.json")
+    return
+  from tokenizers import Tokenizer
+  n = Tokenizer.from_file(spec.data_tokenizer).get_vocab_size()
+  if n > spec.model.vocab_size:
+    raise DataError(f'data.tokenizer={spec.data_tokenizer} has {n} tokens, more than '
+                    f'model.vocab_size={spec.model.vocab_size}; give the tokenizer the model '
+                    'was trained with')
+
+
 def check_data(spec: Spec, info: dict) -> None:
-  """Before anything compiles: text to train on, and at least one validation batch (which
-  train() needs at its first evaluation, eval_every steps in)."""
+  """Before anything compiles: token ids the model has, text to train on, and at least
+  one validation batch (which train() needs at its first evaluation, eval_every steps
+  in)."""
+  check_vocab(spec)
   t, sizes = spec.train, {k: v.get('bytes') for k, v in info['splits'].items()}
   if sizes.get('train') == 0:
     if sizes.get('validation'):
@@ -188,9 +208,11 @@ def _train(config, spec: Spec, workdir: pathlib.Path, progress) -> int:
   steps = build(spec, mesh, model)
   train_it = data_iterator(spec, 'train', train=True)
 
+  changes = {}
+
   def resume(step):
     with _compress_hint(workdir):
-      check_resume(ckpt.config(step), config, f'{ckpt.dir} (step {step})')
+      changes.update(check_resume(ckpt.config(step), config, f'{ckpt.dir} (step {step})', step))
       return ckpt.restore(step, steps.state, steps.shardings, train_it)
 
   start, state = ckpt.newest(resume)
@@ -207,6 +229,10 @@ def _train(config, spec: Spec, workdir: pathlib.Path, progress) -> int:
   # Compiled ahead of time so that XLA's memory analysis of this very step is reported.
   train_step = steps.train.lower(state, batch).compile()
   mem = memory(steps, train_step)
+  if changes:                  # recorded in this run's first row, like the memory figures
+    mem['config_changes'] = {k: list(v) for k, v in changes.items()}
+    say('resumed with ' + ', '.join(f'{k}={new!r} (was {old!r})'
+                                    for k, (old, new) in changes.items()))
   if progress is not None and start:
     progress.update(start)
 
@@ -265,7 +291,8 @@ def _train(config, spec: Spec, workdir: pathlib.Path, progress) -> int:
         if step % t.eval_every == 0 or step == t.steps:
           ev = _evaluate(steps.eval, state, spec, mesh)
           writer.write({'step': step, 'split': 'validation', **ev})
-          bar.write(f"step {step}: validation loss {ev['loss']:.4f}, {ev['bpb']:.4f} bits/byte")
+          bpb = f", {ev['bpb']:.4f} bits/byte" if 'bpb' in ev else ''
+          bar.write(f"step {step}: validation loss {ev['loss']:.4f}{bpb}")
           last = time.perf_counter()
         if stop['sigterm']:
           ckpt.save(step, state, train_it, config, wait=True)
@@ -309,7 +336,7 @@ def _refuse_unfit_resume(ckpt: checkpoint.Checkpoints, config, workdir: pathlib.
     except Exception:  # pylint: disable=broad-except  # damage: newest() names and handles it
       continue
     with _compress_hint(workdir):
-      check_resume(saved, config, f'{ckpt.dir} (step {step})')
+      check_resume(saved, config, f'{ckpt.dir} (step {step})', step)
     return
 
 
