@@ -211,6 +211,11 @@ def compress(f: Options) -> dict:
                       f'{jax.device_count()} device(s) here ({e}); rerun with '
                       f'--cpu_devices={need} (CPU) or on {need} devices') from None
     moe = spec.model.moe
+    if f.method == 'experts' and moe and moe.n_group > 1:
+      raise FlagError(f'--method=experts: the model in --workdir={f.workdir} limits each '
+                      f'token to {moe.topk_group} of {moe.n_group} expert groups, which '
+                      'removing experts would regroup; prune its kernels instead (e.g. '
+                      '--method=wanda)')
     if f.method == 'experts' and not (moe and moe.k <= f.keep < moe.num_experts):
       raise FlagError(f'--keep={f.keep} must be at least k={moe.k} and below the '
                       f'{moe.num_experts} experts of the model in --workdir={f.workdir}'

@@ -185,10 +185,11 @@ class Attention(nnx.Module):
         RMSNorm(head_dim if qk_norm == 'head' else n, eps=norm_eps) for n in widths[:2])
     self.qk_norm, self.qkv_clip = qk_norm, qkv_clip
 
-  def kernel_inputs(self, x: jax.Array) -> dict[str, jax.Array]:
-    """{kernel name: what it multiplies} for x [B, L, D]: x for wq, wk, wv, and the
-    attention context [B, L, H*Dh] for wo (what one-shot pruning calibrates on)."""
-    return {'wq': x, 'wk': x, 'wv': x, 'wo': self.context(x)}
+  def kernel_inputs(self, x: jax.Array) -> dict[str, Callable[[], jax.Array]]:
+    """{kernel name: () -> what it multiplies} for x [B, L, D], in forward order: x for
+    wq, wk, wv, and the attention context [B, L, H*Dh] for wo. One-shot pruning calls
+    each after pruning the kernels before it, so wo sees the pruned q, k, v."""
+    return {'wq': lambda: x, 'wk': lambda: x, 'wv': lambda: x, 'wo': lambda: self.context(x)}
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return jnp.einsum('blk,kd->bld', self.context(x), as_compute(self.wo[...], x))

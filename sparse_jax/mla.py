@@ -61,10 +61,13 @@ class LatentAttention(nnx.Module):
     kv = jnp.einsum('bld,dr->blr', x, as_compute(self.wkv_a[...], x))
     return self.kv_a_norm(kv[..., :self.kv_lora_rank]), kv[..., self.kv_lora_rank:]
 
-  def kernel_inputs(self, x: jax.Array) -> dict[str, jax.Array]:
-    """{kernel name: what it multiplies} for x [B, L, D] (one-shot pruning's inputs)."""
-    q = {'wq_a': x, 'wq_b': self._q_latent(x)} if self.wq is None else {'wq': x}
-    return {**q, 'wkv_a': x, 'wkv_b': self._kv_latent(x)[0], 'wo': self.context(x)}
+  def kernel_inputs(self, x: jax.Array) -> dict:
+    """{kernel name: () -> what it multiplies} for x [B, L, D], in forward order (as
+    Attention.kernel_inputs: each called after the kernels before it are pruned)."""
+    q = ({'wq_a': lambda: x, 'wq_b': lambda: self._q_latent(x)} if self.wq is None
+         else {'wq': lambda: x})
+    return {**q, 'wkv_a': lambda: x, 'wkv_b': lambda: self._kv_latent(x)[0],
+            'wo': lambda: self.context(x)}
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return jnp.einsum('blk,kd->bld', self.context(x), as_compute(self.wo[...], x))

@@ -264,3 +264,50 @@ def test_a_repository_id_resolves_in_the_local_cache(tmp_path, monkeypatch):
   assert folder_of('tiny/olmoe') == snapshot
   with pytest.raises(hub.HubError, match='not a folder'):
     hub.load_hf('tiny/not-cached')
+
+
+@pytest.mark.parametrize('name', ['deepseek_v3', 'qwen2_moe'])
+def test_one_shot_pruning_reaches_the_new_kernels(name):
+  """Wanda on an imported model prunes the kernels the model names (latent attention's
+  too) from the inputs its own layers report, and leaves biases, norms, routers and gates."""
+  from sparse_jax.pruning import post_training
+  model, spec = hub.load_hf(HF / name)
+  masks = post_training.prune_model(model, reference(name)['tokens'][:, :64],
+                                    method='wanda', sparsity=0.5)
+  attn = {p[-1] for p in masks if p[2] == 'attn'}
+  assert attn == ({'wq_a', 'wq_b', 'wkv_a', 'wkv_b', 'wo'} if spec.kv_lora_rank
+                  else {'wq', 'wk', 'wv', 'wo'})
+  assert all(0.45 <= float(np.mean(m)) <= 0.55 for m in masks.values())
+  assert not any(k in p for p in masks for k in ('router', 'shared_gate', 'bq', 'scale'))
+  assert any('experts' in p for p in masks)
+
+
+def test_pruned_and_merged_experts_export_with_the_new_count(tmp_path):
+  """Expert pruning as sparse_jax.compress does it (REAP scores, merge, compaction) on an
+  imported OLMoE: the export has 4 experts and computes what the compacted model does."""
+  import dataclasses
+  from sparse_jax.models import TransformerLM
+  from sparse_jax.pruning import compaction, experts
+  model, spec = hub.load_hf(HF / 'olmoe')
+  tokens = reference('olmoe')['tokens'][:, :64]
+  kept = experts.choose(experts.expert_scores(model, tokens, 'reap'), 4, spec.moe.k)
+  experts.merge_into_kept(model, kept, experts.expert_scores(model, tokens, 'frequency'))
+  small_spec = dataclasses.replace(spec, moe=dataclasses.replace(spec.moe, num_experts=4))
+  small = TransformerLM(small_spec, rngs=nnx.Rngs(0))
+  nnx.update(small, compaction.compact_experts(nnx.state(model), kept))
+  out = hub.save_hf(small, small_spec, tmp_path / 'out', source=HF / 'olmoe')
+  assert json.loads((out / 'config.json').read_text())['num_experts'] == 4
+  again, spec2 = hub.load_hf(out)
+  assert spec2.moe.num_experts == 4
+  np.testing.assert_array_equal(np.asarray(again(tokens)[0]), np.asarray(small(tokens)[0]))
+
+
+def test_router_jitter_is_a_training_setting(tmp_path):
+  """Mixtral's router_jitter_noise becomes moe.router_jitter (training only): the model
+  loads with its jitter stream and evaluates as transformers does."""
+  folder = _copy('mixtral', tmp_path)
+  _edit_config(folder, router_jitter_noise=0.1)
+  model, spec = hub.load_hf(folder)
+  assert spec.moe.router_jitter == 0.1
+  ref = reference('mixtral')
+  assert np.max(np.abs(np.asarray(model(ref['tokens'])[0]) - ref['logits'])) <= TOL

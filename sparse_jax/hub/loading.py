@@ -210,7 +210,9 @@ def build(spec: ModelSpec, p: Plan, mesh: Mesh | None = None, *,
     shape, at = tuple(var.shape), places[path]
     at = at.get_value() if isinstance(at, nnx.Variable) else at
     source = p.sources.get(_key(path))
-    if source is None:                        # state the folder does not hold: zeros
+    if source is None and jax.dtypes.issubdtype(var.dtype, jax.dtypes.prng_key):
+      value = jax.device_put(jax.random.key(0), at)      # the router's jitter stream
+    elif source is None:                      # state the folder does not hold: zeros
       value = jax.device_put(jnp.zeros(shape, var.dtype), at)
     else:
       want = dtype if isinstance(var, nnx.Param) else var.dtype

@@ -73,7 +73,7 @@ def prune_model(model, tokens, *, method: str, sparsity: float | None = None,
     at = ('blocks', i)
     a = block.inputs(x)[0]
     for name, inputs in block.attn.kernel_inputs(a).items():
-      prune(at + ('attn', name), getattr(block.attn, name), inputs)
+      prune(at + ('attn', name), getattr(block.attn, name), inputs())
     h = block.inputs(x)[2]                           # after the pruned attention
     rows = h.reshape(-1, h.shape[-1])                                    # [N, D]
     if isinstance(block.ffn, MoE):
