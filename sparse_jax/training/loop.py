@@ -172,8 +172,9 @@ def train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
   spec = resolve(config, jax.device_count(), jax.process_count())
   try:
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / '.writable').touch()
-    (workdir / '.writable').unlink()
+    probe = workdir / f'.writable.{os.getpid()}'    # one per process: they share the workdir
+    probe.touch()
+    probe.unlink()
   except OSError as e:
     raise WorkdirError(f'cannot write to --workdir={workdir}: {e.strerror}'
                        f'{" (it is a file)" if workdir.is_file() else ""}; give a directory '
