@@ -35,10 +35,11 @@ from absl import flags, logging
 from flax import nnx
 
 from sparse_jax import data, pruning
-from sparse_jax.config import ConfigError, parse_n_m, resolve, validate, write_workdir_config
+from sparse_jax.config import ConfigError, parse_n_m, resolve, validate
 from sparse_jax.pruning import compaction, experts, post_training
 from sparse_jax.training import checkpoint, loop
 from sparse_jax.training.steps import build
+from sparse_jax.workdir import write_workdir_config
 
 FLAGS = flags.FlagValues()       # its own: importing this next to sparse_jax.train is fine
 ONE_SHOT, SCORES = post_training.METHODS, experts.SCORES

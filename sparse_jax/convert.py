@@ -30,7 +30,8 @@ import sys
 from absl import flags, logging
 from ml_collections import config_flags
 
-from sparse_jax.config import ConfigError, base_config, write_workdir_config
+from sparse_jax.config import ConfigError, base_config
+from sparse_jax.workdir import write_workdir_config
 
 FLAGS = flags.FlagValues()
 _DEFINE = dict(flag_values=FLAGS)

@@ -19,11 +19,12 @@ from tqdm import tqdm
 
 from sparse_jax import data, sharding
 from sparse_jax.analysis.accounting import flops_from_config, params_from_config
-from sparse_jax.config import ConfigError, Spec, check_resume, resolve
+from sparse_jax.config import ConfigError, Spec, resolve
 from sparse_jax.training import checkpoint
 from sparse_jax.training.metrics import MetricsWriter, WriteError
 from sparse_jax.training.steps import bits_per_byte, build, memory
 from sparse_jax.upcycle import upcycle
+from sparse_jax.workdir import check_resume
 
 
 class DataError(ValueError):
