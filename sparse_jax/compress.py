@@ -34,7 +34,7 @@ import numpy as np
 from absl import flags, logging
 from flax import nnx
 
-from sparse_jax import data, pruning
+from sparse_jax import data, pruning, roles
 from sparse_jax.config import ConfigError, parse_n_m, resolve, validate
 from sparse_jax.pruning import compaction, experts, post_training
 from sparse_jax.training import checkpoint, loop
@@ -259,7 +259,7 @@ def compress(f: Options) -> dict:
     record = {'kept': {str(i): v.tolist() for i, v in kept.items()},
               'scores': {str(i): v.tolist() for i, v in scores.items()}}
   else:
-    prunable = pruning.paths.prunable_in(f.targets)
+    prunable = roles.prunable(roles.param_roles(model), f.targets)
     options = dict(block_size=f.block_size, damp=f.damp) if f.method == 'sparsegpt' else {}
     try:
       masks = post_training.prune_model(model, tokens, method=f.method, sparsity=f.sparsity,

@@ -18,7 +18,7 @@ import pathlib
 import jax
 import ml_collections
 
-from sparse_jax import expert_parallel, pruning, routing
+from sparse_jax import expert_parallel, pruning, roles, routing
 from sparse_jax.dispatch import BACKENDS
 from sparse_jax.grouped_matmul import GROUPED_MATMULS
 from sparse_jax.layers import ACTIVATIONS, QK_NORMS
@@ -452,7 +452,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int,
          "per query head, no latent attention, no model.qkv_bias and model.qk_norm other "
          "than 'proj' (got "
          f'num_kv_heads={m.num_kv_heads}, qkv_bias={m.qkv_bias}, qk_norm={m.qk_norm!r})')
-    choice('pruning.targets', pr.targets, pruning.TARGETS)
+    choice('pruning.targets', pr.targets, roles.TARGETS)
     need(pr.update_every >= 1, f'pruning.update_every={pr.update_every} must be >= 1')
     need(pr.start_step >= 0, f'pruning.start_step={pr.start_step} must be >= 0')
     end = _pruning_end_step(config)

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from sparse_jax.roles import Role
 from sparse_jax.sharding import spec_for
 
 ACTIVATIONS = ('gelu', 'relu', 'swiglu')
@@ -89,13 +90,14 @@ def ffn(w: dict[str, jax.Array], x: jax.Array, activation: str,
 class DenseFFN(nnx.Module):
   """Dense FFN, x [..., D] -> [..., D]: every dense block, the shared expert, the
   benchmarks' baseline. Hidden units are split over the mesh axis 'model'. x must be
-  floating (integer x is a TypeError), as for RMSNorm, Attention and the MoE."""
+  floating (integer x is a TypeError), as for RMSNorm, Attention and the MoE. kind is
+  its parameters' role: 'ffn', or 'shared' for an MoE's shared expert."""
 
   def __init__(self, d_model: int, d_ff: int, *, activation: str = 'gelu',
                init_scale: float = 1.0, param_dtype=jnp.float32,
-               mesh: Mesh | None = None, rngs: nnx.Rngs):
+               mesh: Mesh | None = None, kind: str = 'ffn', rngs: nnx.Rngs):
     check_activation(activation)
-    self.activation = activation
+    self.activation, self.kind = activation, kind
     for name in ffn_weight_names(activation):
       shape, names = ((d_ff, d_model), ('model', None)) if name == 'wo' else (
           (d_model, d_ff), (None, 'model'))
@@ -104,6 +106,9 @@ class DenseFFN(nnx.Module):
 
   def weights(self) -> dict[str, jax.Array]:
     return {n: getattr(self, n)[...] for n in ffn_weight_names(self.activation)}
+
+  def param_roles(self) -> dict[str, Role]:
+    return {n: Role(self.kind, 0) for n in ffn_weight_names(self.activation)}
 
   def __call__(self, x: jax.Array) -> jax.Array:
     check_floating(x, 'DenseFFN')
@@ -115,6 +120,9 @@ class RMSNorm(nnx.Module):
     self.scale = nnx.Param(jnp.ones((d,), jnp.float32), out_sharding=(None,),
                            eager_sharding=False)
     self.eps = eps
+
+  def param_roles(self) -> dict[str, Role]:
+    return {'scale': Role('norm')}
 
   def __call__(self, x):
     check_floating(x, 'RMSNorm')
@@ -184,6 +192,10 @@ class Attention(nnx.Module):
         None if qk_norm == 'none' else
         RMSNorm(head_dim if qk_norm == 'head' else n, eps=norm_eps) for n in widths[:2])
     self.qk_norm, self.qkv_clip = qk_norm, qkv_clip
+
+  def param_roles(self) -> dict[str, Role]:
+    return {**{n: Role('attention', 0) for n in ('wq', 'wk', 'wv', 'wo')},
+            **{n: Role('attention') for n in ('bq', 'bk', 'bv') if getattr(self, n) is not None}}
 
   def kernel_inputs(self, x: jax.Array) -> dict[str, Callable[[], jax.Array]]:
     """{kernel name: () -> what it multiplies} for x [B, L, D], in forward order: x for

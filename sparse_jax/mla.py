@@ -21,6 +21,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from sparse_jax.layers import RMSNorm, as_compute, check_floating, rope, weight
+from sparse_jax.roles import Role
 
 
 class LatentAttention(nnx.Module):
@@ -53,6 +54,10 @@ class LatentAttention(nnx.Module):
     self.wkv_b = weight(rngs.params(), (kv_lora_rank, num_heads * (qk_nope_head_dim + v_head_dim)),
                         names=(None, 'model'), **kw)
     self.wo = weight(rngs.params(), (num_heads * v_head_dim, d_model), names=('model', None), **kw)
+
+  def param_roles(self) -> dict[str, Role]:
+    return {n: Role('attention', 0) for n in ('wq', 'wq_a', 'wq_b', 'wkv_a', 'wkv_b', 'wo')
+            if getattr(self, n) is not None}
 
   def _q_latent(self, x):
     return self.q_a_norm(jnp.einsum('bld,dr->blr', x, as_compute(self.wq_a[...], x)))

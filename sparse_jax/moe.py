@@ -28,6 +28,7 @@ from sparse_jax import grouped_matmul as gmm_lib
 from sparse_jax import routing as routing_lib
 from sparse_jax.layers import (DenseFFN, as_compute, check_activation, check_floating,
                                ffn, ffn_weight_names, weight)
+from sparse_jax.roles import Role
 from sparse_jax.sharding import axis_size, reshard, token_axes
 
 ROUTINGS = ('top_k', 'expert_choice')
@@ -59,6 +60,9 @@ class Router(nnx.Module):
     self.bias = RouterBias(jnp.zeros((num_experts,), jnp.float32))
     self.jitter = jitter
     self.rngs = rngs.fork() if jitter > 0 else None
+
+  def param_roles(self) -> dict[str, Role]:
+    return {'kernel': Role('router', 0)}
 
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
     x = x.astype(jnp.float32)
@@ -103,6 +107,11 @@ class Experts(nnx.Module):
   def weights(self) -> dict[str, jax.Array]:
     """Arrays with a leading expert axis [E, ...]; the input of apply()."""
     return {n: getattr(self, n)[...] for n in ffn_weight_names(self.activation)}
+
+  def param_roles(self) -> dict[str, Role]:
+    """wi (wi_gate), wo: stacked expert kernels [E, in, out]. A subclass names the roles
+    of the parameters it adds (unnamed ones are 'other': counted, never pruned)."""
+    return {n: Role('expert', 1) for n in ffn_weight_names(self.activation)}
 
   def apply(self, w: dict[str, jax.Array], x: jax.Array) -> jax.Array:
     """x [E, N, D] -> [E, N, D], expert e on row block e."""
@@ -281,12 +290,15 @@ class MoE(nnx.Module):
                                       mesh=mesh, rngs=rngs)
     self.shared = None if not shared_d_ff else DenseFFN(
         d_model, shared_d_ff, activation=activation, init_scale=init_scale,
-        param_dtype=param_dtype, mesh=mesh, rngs=rngs)
+        param_dtype=param_dtype, mesh=mesh, kind='shared', rngs=rngs)
     if shared_gate and not shared_d_ff:
       raise ValueError('shared_gate=True gates the shared expert: pass shared_d_ff > 0.')
     self.shared_gate = weight(rngs.params(), (d_model, 1), init_scale=init_scale,
                               dtype=param_dtype, names=(None, None),
                               mesh=mesh) if shared_gate else None
+
+  def param_roles(self) -> dict[str, Role]:
+    return {} if self.shared_gate is None else {'shared_gate': Role('gate', 0)}
 
   def routing_metrics(self, stats: dict[str, jax.Array]) -> dict[str, jax.Array]:
     """routing.routing_metrics of (summed) statistics of this layer."""

@@ -5,7 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 
-from sparse_jax import pruning
+# The version of ModelSpec.to_json's format. Fields added later carry defaults, so an older
+# record still loads; a record from a newer version is refused by name.
+SPEC_VERSION = 1
+
+
+class SpecError(ValueError):
+  """A stored model spec that this version cannot read; one line."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,12 +97,38 @@ class ModelSpec:
   def kv_heads(self) -> int:
     return self.num_kv_heads or self.num_heads
 
+  def to_json(self) -> dict:
+    """The spec as JSON (what a checkpoint stores beside its state), with SPEC_VERSION."""
+    return {'version': SPEC_VERSION, **dataclasses.asdict(self)}
+
+  @classmethod
+  def from_json(cls, record: dict) -> ModelSpec:
+    """Inverse of to_json. SpecError for a newer version or a field this code lacks."""
+    record = dict(record)
+    version = record.pop('version', None)
+    if not isinstance(version, int) or version > SPEC_VERSION:
+      raise SpecError(f'the stored model spec has version {version!r}; this sparse_jax '
+                      f'reads versions up to {SPEC_VERSION}: upgrade sparse_jax to load it')
+    moe = record.pop('moe', None)
+    if moe is not None:
+      moe = _from_fields(MoESpec, moe)
+    return _from_fields(cls, {**record, 'moe': moe})
+
   def is_moe_block(self, i: int) -> bool:
     """Block i is MoE when i >= moe_offset, (i - moe_offset) % moe_every == 0 and i is not
     one of moe.dense_layers."""
     m = self.moe
     return (m is not None and i >= m.moe_offset and (i - m.moe_offset) % m.moe_every == 0
             and i not in m.dense_layers)
+
+
+def _from_fields(cls, record: dict):
+  names = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(record) - names)
+  if unknown:
+    raise SpecError(f'the stored model spec has fields {unknown} that {cls.__name__} lacks: '
+                    'it was written by another sparse_jax version; load it with that one')
+  return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in record.items()})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,7 +155,8 @@ class TrainSpec:
 
 @dataclasses.dataclass(frozen=True)
 class PruningSpec:
-  """The keyword arguments of sparse_jax.pruning.wrap (see wrap_kwargs)."""
+  """The keyword arguments of sparse_jax.pruning.wrap (see wrap_kwargs); which leaves it
+  prunes comes from the model's roles (sparse_jax.roles.prunable(roles, targets))."""
   sparsity: float
   method: str
   schedule: str
@@ -148,8 +181,7 @@ class PruningSpec:
                 update_every=self.update_every, distribution=self.distribution,
                 scope=self.scope, n_m=self.n_m, seed=self.seed, regrow=self.regrow,
                 fan_in=self.fan_in, drop_fraction=self.drop_fraction,
-                min_salient=self.min_salient,
-                prunable=pruning.paths.prunable_in(self.targets), **extra)
+                min_salient=self.min_salient, **extra)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -109,3 +109,25 @@ def test_saved_configs_read_back_with_new_keys_defaulted():
   assert c.moe.num_experts == 8
   with pytest.raises(ConfigError, match="'moe.nope'"):
     from_saved({'moe': {'nope': 1}})
+
+
+def test_model_spec_round_trips_as_versioned_json():
+  import json
+  from sparse_jax.config import model_spec
+  from sparse_jax.specs import SPEC_VERSION, ModelSpec, SpecError
+  c = load_config(pathlib.Path(__file__).parents[1] / 'configs' / 'tiny.py')
+  c.moe.dense_layers = '0'
+  spec = model_spec(c)
+  record = json.loads(json.dumps(spec.to_json()))           # what a checkpoint stores
+  assert record['version'] == SPEC_VERSION and record['moe']['dense_layers'] == [0]
+  assert ModelSpec.from_json(record) == spec
+  dense = model_spec(base_config())
+  assert dense.moe is None and ModelSpec.from_json(dense.to_json()) == dense
+  # A record from before a field existed loads with that field's default.
+  old = dict(record)
+  del old['rope_interleave']
+  assert ModelSpec.from_json(old) == spec
+  with pytest.raises(SpecError, match=f'version {SPEC_VERSION + 1}.*upgrade sparse_jax'):
+    ModelSpec.from_json({**record, 'version': SPEC_VERSION + 1})
+  with pytest.raises(SpecError, match=r"fields \['sliding_window'\] that ModelSpec lacks"):
+    ModelSpec.from_json({**record, 'sliding_window': 4096})

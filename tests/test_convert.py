@@ -158,13 +158,21 @@ def test_a_run_trained_with_expert_parallelism_loads_on_one_device(data_dir, tmp
   loads on one device (and on the default mesh) with the same parameters."""
   import jax
   from sparse_jax import sharding
-  from sparse_jax.config import load_config
+  from sparse_jax.config import load_config, resolve
+  from sparse_jax.training.steps import build as build_steps
   monkeypatch.setenv('SPARSE_JAX_DATA', data_dir)
   c = load_config(ROOT / 'configs' / 'tiny.py')
   c.mesh.expert = 4
   c.train.steps = c.train.eval_every = c.train.checkpoint_every = 2
   assert loop.train(c, tmp_path / 'run') == 0
-  _, _, here = checkpoint.load_model(tmp_path / 'run')
+  ckpts = checkpoint.Checkpoints(tmp_path / 'run')
+  stored = ckpts.model_spec(ckpts.steps()[0])
+  ckpts.close()
+  assert stored == resolve(c, 8).model             # the step stores the resolved spec
+  with monkeypatch.context() as m:                 # loading builds no optimizer
+    m.setattr(nnx, 'Optimizer', lambda *a, **k: pytest.fail('load_model built an optimizer'))
+    _, spec, here = checkpoint.load_model(tmp_path / 'run')
+  assert spec.model == stored
   one = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
   _, spec, alone = checkpoint.load_model(tmp_path / 'run', one)
   assert spec.mesh == {'data': 1, 'expert': 1, 'model': 1}
@@ -173,3 +181,20 @@ def test_a_run_trained_with_expert_parallelism_loads_on_one_device(data_dir, tmp
   pa, ph = params(alone), params(here)
   for k in pa:
     np.testing.assert_array_equal(pa[k], ph[k], err_msg=k)
+  # ... and they are the parameters a full restore of (model, optimizer) gives.
+  steps = build_steps(resolve(c, 8), loop.make_mesh(resolve(c, 8)))
+  ckpts = checkpoint.Checkpoints(tmp_path / 'run')
+  full, _ = nnx.merge(steps.graphdef, ckpts.restore(2, steps.state, steps.shardings))
+  ckpts.close()
+  for k, v in params(full).items():
+    np.testing.assert_array_equal(v, ph[k], err_msg=k)
+  # A step written before specs were stored builds the spec from its config.
+  import shutil
+  from sparse_jax import digests
+  step_dir = tmp_path / 'run' / 'checkpoints' / '2'
+  shutil.rmtree(step_dir / 'model')
+  digests.write_manifest(step_dir)
+  _, spec, old = checkpoint.load_model(tmp_path / 'run')
+  assert spec.model == stored
+  for k, v in params(old).items():
+    np.testing.assert_array_equal(v, ph[k], err_msg=k)

@@ -29,6 +29,9 @@ class BiasedExperts(sj.moe.Experts):
   def weights(self):
     return {**super().weights(), 'bo': self.bo[...]}
 
+  def param_roles(self):                                   # an expert parameter, not a kernel
+    return {**super().param_roles(), 'bo': sj.roles.Role('expert')}
+
   def apply(self, w, x):                                   # x [E, N, D]
     return super().apply(w, x) + w['bo'][:, None, :]
 
@@ -60,3 +63,24 @@ def test_custom_modules_under_expert_parallelism():
   ref, ep = _layer(group_size=4), _layer(mesh=mesh)
   nnx.update(ep, jax.device_get(nnx.state(ref)))
   np.testing.assert_allclose(nnx.jit(lambda m, x: m(x)[0])(ep, x), ref(x)[0], atol=1e-5)
+
+
+def test_a_new_parameter_has_the_role_its_module_names():
+  """bo is an expert parameter but not a kernel: pruning leaves it, accounting counts it
+  with the experts; without param_roles it would be 'other' and still never pruned."""
+  layer = _layer()
+  roles = sj.roles.param_roles(layer)
+  assert roles[('experts', 'bo')] == sj.roles.Role('expert')
+  assert roles[('experts', 'wi')] == sj.roles.Role('expert', 1)
+  assert roles[('router', 'kernel')].kind == 'router'
+  prunable = sj.roles.prunable(roles)
+  flat = dict(nnx.to_flat_state(nnx.state(layer, nnx.Param)))
+  assert {p for p, v in flat.items() if prunable(p, v[...])} == {
+      ('experts', 'wi'), ('experts', 'wo')}
+
+  class Unnamed(BiasedExperts):
+    def param_roles(self):
+      return sj.moe.Experts.param_roles(self)
+  rngs = nnx.Rngs(0)
+  bare = sj.moe.MoE(8, 16, 4, experts=Unnamed(4, 8, 16, rngs=rngs), rngs=rngs)
+  assert sj.roles.param_roles(bare)[('experts', 'bo')] == sj.roles.Role('other')

@@ -311,3 +311,22 @@ def test_router_jitter_is_a_training_setting(tmp_path):
   assert spec.moe.router_jitter == 0.1
   ref = reference('mixtral')
   assert np.max(np.abs(np.asarray(model(ref['tokens'])[0]) - ref['logits'])) <= TOL
+
+
+@pytest.mark.parametrize('family', ['llama', 'qwen2_moe', 'olmoe', 'deepseek_v3', 'qwen3_moe'])
+def test_every_parameter_of_an_imported_model_has_a_named_role(family):
+  """The model names every parameter's role (none is 'other'), and the kernels its roles
+  put in each pruning target are the ones the name-based default picks."""
+  from sparse_jax import roles
+  from sparse_jax.pruning.paths import default_prunable
+  model, _ = hub.load_hf(HF / family)
+  named = roles.param_roles(model)
+  assert 'other' not in {r.kind for r in named.values()}
+  flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+  picked = {t: {p for p, v in flat.items() if roles.prunable(named, t)(p, v[...])}
+            for t in roles.TARGETS}
+  assert picked['all'] == {p for p, v in flat.items() if default_prunable(p, v[...])}
+  assert picked['attn'] == {p for p in picked['all'] if 'attn' in p}
+  assert picked['ffn'] == picked['all'] - picked['attn']
+  for p in picked['all']:                       # the input axis is the one x multiplies
+    assert named[p].in_axis == flat[p][...].ndim - 2, p

@@ -485,7 +485,8 @@ def test_config_targets_limit_pruning_to_one_part(tiny_cfg, targets, pruned_part
   c = tiny_cfg.copy_and_resolve_references()
   c.pruning.sparsity, c.pruning.schedule, c.pruning.targets = 0.5, 'one_shot', targets
   model = _tiny(c)
-  _train(model, make_optimizer(resolve(c, 8)), 1)
+  from sparse_jax import roles
+  _train(model, make_optimizer(resolve(c, 8), roles.param_roles(model)), 1)
   for path, value in zip(*flatten(nnx.state(model, nnx.Param))[:2]):
     if path[-1] in ('wi', 'wo', 'wq', 'wk', 'wv') and 'router' not in path:
       part = 'attn' if 'attn' in path else 'ffn'

@@ -17,11 +17,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sparse_jax.config import ModelSpec
-from sparse_jax.layers import Attention, DenseFFN, RMSNorm
+from sparse_jax import roles
+from sparse_jax.layers import Attention
 from sparse_jax.mla import LatentAttention
 from sparse_jax.moe import MoE
 from sparse_jax.pruning.paths import plain_path
+from sparse_jax.specs import ModelSpec
 
 
 # ---------------------------------------------------------------------- from a spec
@@ -105,29 +106,19 @@ def _paths(tree) -> dict[tuple, object]:
 def _param_table(model):
   """[(path, array, kind, active share (k, E) or 1)] for every nnx.Param of the model.
 
-  kind: embedding | attention | ffn | router | experts | shared | norm | other.
+  kind: embedding | attention | ffn | router | experts | shared | norm | other, from the
+  model's parameter roles (the shared expert's gate counts as 'shared').
   """
-  modules = {p: n for p, n in nnx.iter_graph(model)
-             if isinstance(n, (Attention, LatentAttention, DenseFFN, MoE, RMSNorm))}
+  moes = {p: n for p, n in nnx.iter_graph(model) if isinstance(n, MoE)}
+  param_roles = roles.param_roles(model)
   rows = []
   for path, leaf in _paths(nnx.state(model, nnx.Param)).items():
-    kind, share = 'other', (1, 1)
-    if path[:1] in (('embed',), ('unembed',)):
-      kind = 'embedding'
-    for n in range(len(path) - 1, -1, -1):     # innermost module holding the param
-      mod = modules.get(path[:n])
-      if isinstance(mod, MoE):
-        kind = {'router': 'router', 'experts': 'experts', 'shared': 'shared',
-                'shared_gate': 'shared'}.get(path[n], 'other')
-        if kind == 'experts':   # stacked [E, ...]: a token uses K of them
-          share = (mod.settings.k, mod.num_experts)
-        break
-      if mod is not None:
-        kind = {Attention: 'attention', LatentAttention: 'attention', DenseFFN: 'ffn',
-                RMSNorm: 'norm'}[type(mod)]
-        # A DenseFFN inside an MoE is its shared expert: keep looking outwards.
-        if not any(isinstance(modules.get(path[:m]), MoE) for m in range(n)):
-          break
+    kind = {'expert': 'experts', 'gate': 'shared'}.get(param_roles[path].kind,
+                                                        param_roles[path].kind)
+    share = (1, 1)
+    if kind == 'experts':        # stacked [E, ...] of the MoE holding it: a token uses K
+      moe = next(moes[path[:n]] for n in range(len(path) - 1, -1, -1) if path[:n] in moes)
+      share = (moe.settings.k, moe.num_experts)
     rows.append((path, leaf, kind, share))
   return rows
 

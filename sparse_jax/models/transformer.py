@@ -11,10 +11,11 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
-from sparse_jax.config import ModelSpec
 from sparse_jax.layers import Attention, DenseFFN, RMSNorm, as_compute
 from sparse_jax.mla import LatentAttention
 from sparse_jax.moe import MoE
+from sparse_jax.roles import Role
+from sparse_jax.specs import ModelSpec
 
 
 class FFNInput(nnx.Intermediate):
@@ -116,6 +117,10 @@ class TransformerLM(nnx.Module):
     out = self.embed[...].T if self.unembed is None else self.unembed[...]
     return jnp.einsum('bld,dv->blv', x, as_compute(out, x),
                       preferred_element_type=jnp.float32), aux
+
+  def param_roles(self) -> dict[str, Role]:
+    return {'embed': Role('embedding'),
+            **({} if self.unembed is None else {'unembed': Role('embedding', 0)})}
 
   def moe_layers(self) -> dict[int, MoE]:
     """{block index: its MoE layer}: the keys of aux['layers']."""

@@ -22,7 +22,8 @@ from sparse_jax.pruning.distribution import DISTRIBUTIONS, erk_densities, zeros_
 from sparse_jax.pruning.dynamic import FAN_IN, REGROW
 from sparse_jax.pruning.masking import n_m_mask, prune_lowest, sparsity_mask
 from sparse_jax.pruning.oneshot import magnitude, sparsegpt, wanda
-from sparse_jax.pruning.paths import TARGETS, default_prunable, plain_path
+from sparse_jax.pruning.paths import default_prunable, plain_path
+from sparse_jax.roles import TARGETS
 from sparse_jax.pruning.schedule import SCHEDULES, gmp_sparsity, target_sparsity, update_steps
 from sparse_jax.pruning.scores import METHODS, element_scores
 from sparse_jax.pruning.structured import KINDS as STRUCTURE_KINDS

@@ -51,7 +51,9 @@ def flatten(tree) -> tuple[list[tuple], list, Any]:
 
 
 def default_prunable(path: tuple, leaf) -> bool:
-  """2-D kernels and 3-D stacked-expert kernels of FFNs and attention.
+  """2-D kernels and 3-D stacked-expert kernels of FFNs and attention, by name: the
+  default of pruning.wrap for any pytree. For a sparse_jax model the commands ask the
+  model instead (sparse_jax.roles.prunable); both pick the same leaves of its models.
 
   Named wi, wi_gate, wo (dense FFN, Experts), wq, wk, wv, wo (Attention) or wq_a, wq_b,
   wkv_a, wkv_b (LatentAttention); never
@@ -62,19 +64,6 @@ def default_prunable(path: tuple, leaf) -> bool:
           and getattr(leaf, 'ndim', 0) in (2, 3)
           and jnp.issubdtype(leaf.dtype, jnp.floating)
           and not any(isinstance(k, str) and k in PROTECTED for k in path))
-
-
-TARGETS = ('all', 'ffn', 'attn')
-
-
-def prunable_in(part: str):
-  """default_prunable restricted to one part of each block: 'ffn' (FFNs and experts),
-  'attn' (attention), or 'all'."""
-  if part not in TARGETS:
-    raise ValueError(f'targets={part!r} is unknown; use one of {TARGETS}.')
-  if part == 'all':
-    return default_prunable
-  return lambda path, leaf: part in path and default_prunable(path, leaf)
 
 
 def path_str(path: tuple) -> str:

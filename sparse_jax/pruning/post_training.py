@@ -26,7 +26,7 @@ from sparse_jax.layers import DenseFFN, ffn_hidden
 from sparse_jax.moe import MoE
 from sparse_jax.pruning import oneshot
 from sparse_jax.pruning.masking import check_finite
-from sparse_jax.pruning.paths import default_prunable
+from sparse_jax import roles
 
 PRUNERS = {'magnitude': oneshot.magnitude, 'wanda': oneshot.wanda,
            'sparsegpt': oneshot.sparsegpt}
@@ -34,17 +34,19 @@ METHODS = tuple(PRUNERS)
 
 
 def prune_model(model, tokens, *, method: str, sparsity: float | None = None,
-                n_m: tuple[int, int] | None = None, prunable: Callable = default_prunable,
+                n_m: tuple[int, int] | None = None, prunable: Callable | None = None,
                 **options) -> dict[tuple, jax.Array]:
   """Prunes the prunable kernels of `model` in place; returns {path: bool mask}.
 
   tokens i32[B, L]: the calibration batch. method: METHODS; exactly one of sparsity
   (per kernel: see oneshot.py for each method's comparison group) and n_m. options go to
   the method (SparseGPT's block_size, damp). prunable(path, leaf) picks the kernels, with
-  the paths of pruning.masks (e.g. ('blocks', 1, 'ffn', 'experts', 'wi')).
+  the paths of pruning.masks (e.g. ('blocks', 1, 'ffn', 'experts', 'wi')); default the
+  attention, FFN and expert kernels the model names (roles.prunable).
   """
   if method not in PRUNERS:
     raise ValueError(f'method={method!r} is unknown; use one of {METHODS}.')
+  prunable = prunable or roles.prunable(roles.param_roles(model))
   masks = {}
 
   def prune(path, var, x, index=None):

@@ -1,7 +1,8 @@
 """Orbax checkpoints of a run that verify themselves: the (model, optimizer) state, the data
 position, the config, and a digest manifest.
 
-Typed PRNG keys are stored as raw key data (orbax cannot store key arrays) and wrapped
+Each step also stores the resolved ModelSpec (versioned JSON, ModelSpec.to_json): what
+load_model builds, without an optimizer, on any mesh the model fits. Typed PRNG keys are stored as raw key data (orbax cannot store key arrays) and wrapped
 again on restore. Restores are placed with the shardings of the state they fill, so a
 run resumes on another mesh, with or without FSDP, on another number of devices. The
 data position is the iterator's state as JSON: every process reads the same global
@@ -21,6 +22,7 @@ else the next save), after removing its partial directory.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import pathlib
@@ -36,8 +38,8 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from sparse_jax import digests, sharding
-from sparse_jax.config import ConfigError, from_saved, resolve
-from sparse_jax.training.steps import build
+from sparse_jax.config import ConfigError, ModelSpec, from_saved, model_spec, resolve
+from sparse_jax.models import TransformerLM
 
 T = TypeVar('T')
 
@@ -55,13 +57,19 @@ class StructureError(ConfigError):
 
 
 def _storable(state):
-  """Typed PRNG keys -> raw uint32 data, which orbax can store."""
+  """Each step also stores the resolved ModelSpec (versioned JSON, ModelSpec.to_json): what
+load_model builds, without an optimizer, on any mesh the model fits. Typed PRNG keys -> raw uint32 data, which orbax can store."""
   return jax.tree.map(lambda x: jax.random.key_data(x)
                       if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x, state)
 
 
+def _key_impl(t):
+  # An abstract key (nnx.eval_shape) has no public accessor for its impl in jax 0.10.
+  return jax.random.key_impl(t) if isinstance(t, jax.Array) else t.dtype._impl  # pylint: disable=protected-access
+
+
 def _rewrap_keys(template, restored):
-  return jax.tree.map(lambda t, r: jax.random.wrap_key_data(r, impl=jax.random.key_impl(t))
+  return jax.tree.map(lambda t, r: jax.random.wrap_key_data(r, impl=_key_impl(t))
                       if jax.dtypes.issubdtype(t.dtype, jax.dtypes.prng_key) else r,
                       template, restored)
 
@@ -69,7 +77,7 @@ def _rewrap_keys(template, restored):
 def _abstract(state, shardings):
   """What orbax restores into: shapes, dtypes and shardings of the checkpointed state."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      _storable(state), shardings)
+                      jax.eval_shape(_storable, state), shardings)
 
 
 def _leaf_name(path) -> str:
@@ -178,16 +186,53 @@ class Checkpoints:
     saved = self._mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
     return from_saved(saved['config'])
 
+  def model_spec(self, step: int) -> ModelSpec:
+    """The ModelSpec stored at `step`; from its config for a step written before specs
+    were stored (the same resolution, so the same spec)."""
+    if not (self.dir / str(step) / 'model').is_dir():
+      return model_spec(self.config(step))
+    saved = self._mngr.restore(step, args=ocp.args.Composite(model=ocp.args.JsonRestore()))
+    return ModelSpec.from_json(saved['model'])
+
+  def _stored(self, step: int, want: dict, what: str):
+    """The step's stored state metadata; StructureError when `want` ({leaf: shape}) is
+    not what it holds (only the model's leaves when what='model')."""
+    stored = ocp.StandardCheckpointHandler().metadata(self.dir / str(step) / 'state')
+    have = _shapes(stored)
+    if what == 'model':
+      have = {k: v for k, v in have.items() if k.startswith('model/')}
+    difference = structure_difference(want, have)
+    if difference is not None:
+      raise StructureError(
+          f'checkpoint step {step} in {self.dir} holds another {what} than this config '
+          f'builds ({difference}): resume it with the config it was written with, or use '
+          'a new --workdir')
+    return stored
+
+  def restore_model(self, step: int, model_state, shardings):
+    """Only the model's part of the state saved at `step` (no optimizer is built or read),
+    placed with `shardings`; model_state may be abstract (nnx.eval_shape)."""
+    want = _abstract(model_state, shardings)
+    named = {_leaf_name((jax.tree_util.SequenceKey(0),) + p): x
+             for p, x in jax.tree_util.tree_flatten_with_path(want)[0]}
+    stored = self._stored(step, {k: tuple(x.shape) for k, x in named.items()}, 'model')
+    # Leaves outside the model are placeholders: orbax skips them (orbax 0.12).
+    target = jax.tree_util.tree_map_with_path(
+        lambda p, _: named.get(_leaf_name(p), ocp.PLACEHOLDER), stored.tree)
+    args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(
+        sharding=x.sharding, global_shape=x.shape, dtype=x.dtype)
+        if isinstance(x, jax.ShapeDtypeStruct) else ocp.RestoreArgs(), target)
+    restored = ocp.PyTreeCheckpointer().restore(
+        self.dir / str(step) / 'state', args=ocp.args.PyTreeRestore(target, args))
+    leaves = {_leaf_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(restored)[0]
+              if x is not ocp.PLACEHOLDER}
+    flat = jax.tree.unflatten(jax.tree.structure(want), [leaves[k] for k in named])
+    return _rewrap_keys(model_state, flat)
+
   def restore(self, step: int, state, shardings, data_iterator=None):
     """The state saved at `step`, placed like `state`; the iterator is moved in place.
     StructureError, before anything is read, when the step holds another structure."""
-    stored = ocp.StandardCheckpointHandler().metadata(self.dir / str(step) / 'state')
-    difference = structure_difference(_shapes(_storable(state)), _shapes(stored))
-    if difference is not None:
-      raise StructureError(
-          f'checkpoint step {step} in {self.dir} holds another model or optimizer state than '
-          f'this config builds ({difference}): resume it with the config it was written '
-          'with, or use a new --workdir')
+    self._stored(step, _shapes(_storable(state)), 'model or optimizer state')
     items = {'state': ocp.args.StandardRestore(_abstract(state, shardings))}
     if data_iterator is not None:
       items['data'] = ocp.args.JsonRestore()
@@ -205,7 +250,8 @@ class Checkpoints:
       self._mngr.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(_storable(state)),
           data=ocp.args.JsonSave({} if data_iterator is None else data_iterator.get_state()),
-          config=ocp.args.JsonSave(config.to_dict())))
+          config=ocp.args.JsonSave(config.to_dict()),
+          model=ocp.args.JsonSave(model_spec(config).to_json())))
     except Exception as e:  # pylint: disable=broad-except  # raised before the async part
       self._failed(step, e)
     self._pending = step
@@ -284,8 +330,9 @@ def fit_mesh(config: ml_collections.ConfigDict, mesh=None):
 
 def load_model(run_dir: pathlib.Path, mesh=None):
   """(config, spec, model) of a training run's newest good checkpoint, placed on `mesh`
-  (any mesh the model fits, fit_mesh; default all devices here). Reads only: the run's
-  workdir is left as it is."""
+  (any mesh the model fits, fit_mesh; default all devices here; FSDP as the run had it).
+  The model is built from the checkpoint's stored ModelSpec (spec.model) and only its
+  parameters are read: no optimizer is built. Reads only: the workdir is left as it is."""
   if not (pathlib.Path(run_dir) / 'checkpoints').is_dir():
     raise NoCheckpointError(f'no checkpoint in {run_dir / "checkpoints"} to load a model '
                             'from; train it first')
@@ -294,10 +341,15 @@ def load_model(run_dir: pathlib.Path, mesh=None):
   def load(step):
     config = ckpts.config(step)
     fitted, on = fit_mesh(config, mesh)
-    spec = resolve(fitted, on.size)
-    steps = build(spec, on)
-    model, _ = nnx.merge(steps.graphdef, ckpts.restore(step, steps.state, steps.shardings))
-    return config, spec, model
+    spec = dataclasses.replace(resolve(fitted, on.size), model=ckpts.model_spec(step))
+    with jax.set_mesh(on):
+      abstract = nnx.eval_shape(lambda: TransformerLM(spec.model, mesh=on, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    try:
+      shardings = sharding.state_shardings(state, on, fsdp=spec.fsdp)
+    except ValueError:                 # FSDP that this data axis does not divide
+      shardings = sharding.state_shardings(state, on)
+    return config, spec, nnx.merge(graphdef, ckpts.restore_model(step, state, shardings))
 
   step, loaded = ckpts.newest(load)
   ckpts.close()

@@ -4,14 +4,16 @@ from __future__ import annotations
 import jax
 import optax
 
-from sparse_jax import pruning
+from sparse_jax import pruning, roles
 from sparse_jax.config import Spec
 
 
-def make_optimizer(spec: Spec) -> optax.GradientTransformation:
+def make_optimizer(spec: Spec, param_roles: dict) -> optax.GradientTransformation:
   """AdamW with linear warmup then cosine decay to min_lr_ratio * lr over lr_decay_steps,
   global-norm clipping, and sparse_jax.pruning.wrap around it when spec.pruning is set
-  (the pruner owns the final update). Weight decay applies to matrices only."""
+  (the pruner owns the final update; it prunes the kernels that param_roles, the model's
+  sparse_jax.roles.param_roles, puts in pruning.targets). Weight decay applies to
+  matrices only."""
   t = spec.train
   horizon = max(t.lr_decay_steps, t.warmup_steps + 1)
   schedule = optax.warmup_cosine_decay_schedule(
@@ -22,4 +24,5 @@ def make_optimizer(spec: Spec) -> optax.GradientTransformation:
     tx = optax.chain(optax.clip_by_global_norm(t.grad_clip), tx)
   if spec.pruning is None:
     return tx
-  return pruning.wrap(tx, **spec.pruning.wrap_kwargs(spec.model.num_heads))
+  return pruning.wrap(tx, **spec.pruning.wrap_kwargs(spec.model.num_heads),
+                      prunable=roles.prunable(param_roles, spec.pruning.targets))

@@ -16,7 +16,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, PartitionSpec as P
 
-from sparse_jax import pruning, sharding
+from sparse_jax import pruning, roles, sharding
 from sparse_jax.config import ConfigError, Spec
 from sparse_jax.models import TransformerLM
 from sparse_jax.moe import RouterBias
@@ -157,7 +157,7 @@ def build(spec: Spec, mesh: Mesh, model: TransformerLM | None = None) -> Steps:
   if model is None:
     model = TransformerLM(spec.model, mesh=mesh, rngs=nnx.Rngs(spec.seed))
   model.remat = spec.train.remat == 'block'
-  opt = nnx.Optimizer(model, make_optimizer(spec), wrt=nnx.Param)
+  opt = nnx.Optimizer(model, make_optimizer(spec, roles.param_roles(model)), wrt=nnx.Param)
   graphdef, state = nnx.split((model, opt))
   try:
     sharding.state_shardings(nnx.state(model), mesh, fsdp=spec.fsdp)  # names the parameter
