@@ -7,7 +7,7 @@ import importlib
 
 __version__ = '0.1.0'
 __all__ = ['analysis', 'config', 'data', 'dispatch', 'hub', 'layers', 'mla', 'models', 'moe',
-           'pruning', 'roles', 'routing', 'sharding', 'specs', 'training', 'upcycle']
+           'inference', 'pruning', 'roles', 'routing', 'sharding', 'specs', 'training', 'upcycle']
 
 
 def __getattr__(name):

@@ -258,3 +258,16 @@ def dropless(x: jax.Array, plan: RoutingPlan, num_experts: int,
   """
   key = jnp.where(plan.kept, plan.expert, num_experts)
   return sorted_apply(x, key, plan.weight, num_experts, grouped_fn)
+
+
+def chosen_experts(x: jax.Array, plan: RoutingPlan, weights: dict[str, jax.Array],
+                   apply: Callable) -> jax.Array:
+  """Dropless for a handful of tokens: each kept choice runs its expert's weights,
+  gathered, so S tokens read S*K expert matrices, not E. x [S, D], plan [S, K],
+  weights {name: [E, ...]}, apply(weights [N, ...], rows [N, 1, D]) -> [N, 1, D] (one
+  'expert' per row: Experts.apply) -> y [S, D] = sum_k weight * expert_k(x)."""
+  s, k = plan.expert.shape
+  picked = {n: w[plan.expert.reshape(-1)] for n, w in weights.items()}      # [S*K, ...]
+  rows = jnp.repeat(x, k, axis=0)[:, None]                                # [S*K, 1, D]
+  out = apply(picked, rows).reshape(s, k, -1)
+  return _weighted_sum(jnp.where(plan.kept[..., None], out, 0), plan.weight)

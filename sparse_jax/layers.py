@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from sparse_jax.inference import cache as kv_cache
 from sparse_jax.roles import Role
 from sparse_jax.sharding import spec_for
 
@@ -133,12 +134,17 @@ class RMSNorm(nnx.Module):
 
 # --------------------------------------------------------------------------- attention
 
-def rope(x: jax.Array, theta: float = 10_000.0) -> jax.Array:
-  """Rotate channel pairs (i, i + Dh/2) by position-dependent angles. x [B, L, H, Dh]."""
+def rope(x: jax.Array, theta: float = 10_000.0, positions: jax.Array | None = None) -> jax.Array:
+  """Rotate channel pairs (i, i + Dh/2) by position-dependent angles. x [B, L, H, Dh];
+  positions i32[B, L] (default 0 .. L-1 in every row)."""
   l, h = x.shape[1], x.shape[-1]
   freq = theta ** (-jnp.arange(0, h // 2, dtype=jnp.float32) / (h // 2))   # [Dh/2]
-  angle = jnp.arange(l, dtype=jnp.float32)[:, None] * freq                # [L, Dh/2]
-  cos, sin = jnp.cos(angle)[None, :, None, :], jnp.sin(angle)[None, :, None, :]
+  if positions is None:
+    angle = jnp.arange(l, dtype=jnp.float32)[:, None] * freq              # [L, Dh/2]
+    cos, sin = jnp.cos(angle)[None, :, None, :], jnp.sin(angle)[None, :, None, :]
+  else:
+    angle = positions.astype(jnp.float32)[..., None] * freq               # [B, L, Dh/2]
+    cos, sin = jnp.cos(angle)[:, :, None, :], jnp.sin(angle)[:, :, None, :]
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
 
@@ -206,8 +212,21 @@ class Attention(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     return jnp.einsum('blk,kd->bld', self.context(x), as_compute(self.wo[...], x))
 
+  def init_cache(self, batch: int, length: int, dtype) -> dict[str, jax.Array]:
+    """An empty cache of `length` slots: 'k', 'v' [B, T, Hkv, Dh] (after RoPE and norms)."""
+    shape = (batch, length, self.num_kv_heads, self.wk.shape[-1] // self.num_kv_heads)
+    return {'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype)}
+
+  def decode(self, x: jax.Array, cache: dict, step: kv_cache.Step):
+    """x [B, L, D], the new tokens at `step` -> (y [B, L, D], the cache with them)."""
+    out, cache = self._context(x, cache, step)
+    return jnp.einsum('blk,kd->bld', out, as_compute(self.wo[...], x)), cache
+
   def context(self, x: jax.Array) -> jax.Array:
     """The heads' outputs, concatenated: [B, L, H*Dh], the input of wo."""
+    return self._context(x, None, None)[0]
+
+  def _context(self, x, cache, step):
     check_floating(x, 'Attention')
     b, l, d = x.shape
     q, k, v = (_project(x, w, bias)
@@ -220,6 +239,13 @@ class Attention(nnx.Module):
     k, v = (t.reshape(b, l, self.num_kv_heads, -1) for t in (k, v))      # [B, L, Hkv, Dh]
     if self.qk_norm == 'head':
       q, k = self.q_norm(q), self.k_norm(k)
-    out = jax.nn.dot_product_attention(rope(q, self.rope_theta), rope(k, self.rope_theta),
-                                       v, is_causal=True)
-    return out.reshape(b, l, -1)
+    if cache is None:
+      out = jax.nn.dot_product_attention(rope(q, self.rope_theta), rope(k, self.rope_theta),
+                                         v, is_causal=True)
+      return out.reshape(b, l, -1), None
+    pos = step.positions(l)
+    cache = {'k': kv_cache.write(cache['k'], rope(k, self.rope_theta, pos), step.slot),
+             'v': kv_cache.write(cache['v'], v, step.slot)}
+    out = jax.nn.dot_product_attention(rope(q, self.rope_theta, pos), cache['k'], cache['v'],
+                                       mask=step.mask(l, cache['k'].shape[1]))
+    return out.reshape(b, l, -1), cache

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
+from sparse_jax.inference import cache as kv_cache
 from sparse_jax.layers import RMSNorm, as_compute, check_floating, rope, weight
 from sparse_jax.roles import Role
 
@@ -77,13 +78,27 @@ class LatentAttention(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     return jnp.einsum('blk,kd->bld', self.context(x), as_compute(self.wo[...], x))
 
-  def _rope(self, t):
+  def init_cache(self, batch: int, length: int, dtype) -> dict[str, jax.Array]:
+    """An empty cache of `length` slots: the normed latent 'latent' [B, T, Rkv] and the
+    RoPE key 'k_rope' [B, T, Dr] (one per token, shared by the heads)."""
+    return {'latent': jnp.zeros((batch, length, self.kv_lora_rank), dtype),
+            'k_rope': jnp.zeros((batch, length, self.dims[1]), dtype)}
+
+  def decode(self, x: jax.Array, cache: dict, step: kv_cache.Step):
+    """x [B, L, D], the new tokens at `step` -> (y [B, L, D], the cache with them)."""
+    out, cache = self._context(x, cache, step)
+    return jnp.einsum('blk,kd->bld', out, as_compute(self.wo[...], x)), cache
+
+  def _rope(self, t, positions=None):
     if self.rope_interleave:
       t = jnp.concatenate([t[..., 0::2], t[..., 1::2]], axis=-1)
-    return rope(t, self.rope_theta)
+    return rope(t, self.rope_theta, positions)
 
   def context(self, x: jax.Array) -> jax.Array:
     """The heads' outputs, concatenated: [B, L, H*Dv], the input of wo."""
+    return self._context(x, None, None)[0]
+
+  def _context(self, x, cache, step):
     check_floating(x, 'LatentAttention')
     b, l, _ = x.shape
     h, (dn, dr, dv) = self.num_heads, self.dims
@@ -93,15 +108,23 @@ class LatentAttention(nnx.Module):
       q = jnp.einsum('bld,dk->blk', x, as_compute(self.wq[...], x))
     q = q.reshape(b, l, h, dn + dr)
     latent, k_rot = self._kv_latent(x)
-    kv = jnp.einsum('blr,rk->blk', latent, as_compute(self.wkv_b[...], x)).reshape(b, l, h, dn + dv)
-    k_rot = jnp.broadcast_to(self._rope(k_rot[:, :, None, :]), (b, l, h, dr))
-    q = jnp.concatenate([q[..., :dn], self._rope(q[..., dn:])], axis=-1)
+    pos = None if cache is None else step.positions(l)
+    k_rot = self._rope(k_rot[:, :, None, :], pos)[:, :, 0]               # [B, L, Dr]
+    if cache is not None:                     # attend over every slot: [B, T, ...]
+      cache = {'latent': kv_cache.write(cache['latent'], latent, step.slot),
+               'k_rope': kv_cache.write(cache['k_rope'], k_rot, step.slot)}
+      latent, k_rot = cache['latent'], cache['k_rope']
+    t = latent.shape[1]
+    kv = jnp.einsum('btr,rk->btk', latent, as_compute(self.wkv_b[...], x)).reshape(b, t, h, dn + dv)
+    k_rot = jnp.broadcast_to(k_rot[:, :, None, :], (b, t, h, dr))
+    q = jnp.concatenate([q[..., :dn], self._rope(q[..., dn:], pos)], axis=-1)
     k = jnp.concatenate([kv[..., :dn], k_rot], axis=-1)
     v = kv[..., dn:]
     # dot_product_attention wants one head dim for q, k and v (jax 0.10): zero-pad the
     # narrower side, which changes no score and no output, and give the scale explicitly.
     width = max(dn + dr, dv)
     pad = lambda t: jnp.pad(t, ((0, 0),) * 3 + ((0, width - t.shape[-1]),))
-    out = jax.nn.dot_product_attention(pad(q), pad(k), pad(v), is_causal=True,
-                                       scale=(dn + dr) ** -0.5)
-    return out[..., :dv].reshape(b, l, h * dv)
+    mask = None if cache is None else step.mask(l, t)
+    out = jax.nn.dot_product_attention(pad(q), pad(k), pad(v), is_causal=cache is None,
+                                       mask=mask, scale=(dn + dr) ** -0.5)
+    return out[..., :dv].reshape(b, l, h * dv), cache

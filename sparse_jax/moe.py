@@ -354,8 +354,39 @@ class MoE(nnx.Module):
 
   def __call__(self, x: jax.Array, train: bool = False):
     self._check_input(x)
-    st = self.settings
     ok, clean, logits = self._logits(x, train)                          # f32[B, L, E]
+    y, stats = self._run_experts(self.settings, clean, logits)
+    aux = {'router_z_loss': routing_lib.router_z_loss(logits),
+           **self.routing_metrics(stats), 'stats': stats}
+    if train:
+      self.update_bias(stats['demand'])
+    return jnp.where(ok, self._add_shared(y, clean), _non_finite(x)), aux
+
+  def generate(self, x: jax.Array) -> jax.Array:
+    """y [B, L, D] while generating: dropless top-k with the trained router and experts,
+    whatever dispatch the layer trains with, so no choice is ever dropped. Without expert
+    parallelism, fewer choices than experts (B*L*K < E, decoding) run only the chosen
+    experts' weights (dispatch.chosen_experts); more run the dropless grouped path, and
+    an expert axis > 1 its dropless transport (the experts stay where they are)."""
+    self._check_input(x)
+    if self.settings.routing == 'expert_choice':
+      raise ValueError("routing='expert_choice' picks tokens per expert over the whole "
+                       'sequence: it cannot generate one token at a time; generate with a '
+                       "token-choice (routing='top_k') model.")
+    st = dataclasses.replace(self.settings, dispatch='dropless', group_size=None)
+    ok, clean, logits = self._logits(x, False)
+    b, l, d = x.shape
+    if st.ep == 1 and b * l * st.k < st.num_experts:
+      plan, _ = _route_groups(st, logits.reshape(1, b * l, -1), self._bias())
+      plan = routing_lib.RoutingPlan(*(f[0] for f in plan))             # [T, K]
+      y = dispatch_lib.chosen_experts(clean.reshape(b * l, d), plan, self.experts.weights(),
+                                      self.experts.apply).reshape(b, l, d).astype(x.dtype)
+    else:
+      y, _ = self._run_experts(st, clean, logits)
+    return jnp.where(ok, self._add_shared(y, clean), _non_finite(x))
+
+  def _run_experts(self, st: _Settings, clean, logits):
+    """(y [B, L, D], routing statistics) of the routed experts, on the mesh."""
     body = functools.partial(_routed, st=st, apply=self.experts.apply,
                              grouped_apply=self.experts.grouped_apply)
     args = (clean, logits, self.experts.weights(), self._bias())
@@ -366,18 +397,16 @@ class MoE(nnx.Module):
       args = tuple(jax.tree.map(lambda a, sp=sp: reshard(a, self.mesh, sp), a)
                    for a, sp in zip(args, specs))
       body = jax.shard_map(body, mesh=self.mesh, in_specs=specs, out_specs=(tok, P()))
-    y, stats = body(*args)
-    aux = {'router_z_loss': routing_lib.router_z_loss(logits),
-           **self.routing_metrics(stats), 'stats': stats}
-    if train:
-      self.update_bias(stats['demand'])
-    if self.shared is not None:
-      shared = self.shared(clean)
-      if self.shared_gate is not None:
-        shared = shared * jax.nn.sigmoid(
-            jnp.einsum('bld,do->blo', clean, as_compute(self.shared_gate[...], clean)))
-      y = y + shared
-    return jnp.where(ok, y, _non_finite(x)), aux
+    return body(*args)
+
+  def _add_shared(self, y, clean):
+    if self.shared is None:
+      return y
+    shared = self.shared(clean)
+    if self.shared_gate is not None:
+      shared = shared * jax.nn.sigmoid(
+          jnp.einsum('bld,do->blo', clean, as_compute(self.shared_gate[...], clean)))
+    return y + shared
 
 
 def _non_finite(x):

@@ -52,18 +52,31 @@ class Block(nnx.Module):
   def inputs(self, x):
     """(attention input, the residual after attention, FFN input), each [B, L, D]: the
     one wiring of a block, which calibration (one-shot and expert pruning) reads too."""
+    return self._wire(x)[:3]
+
+  def _wire(self, x, cache=None, step=None):
     a = self.attn_norm(x)
-    x = x + self.attn(a)
-    return a, x, self.ffn_norm(x)
+    if cache is None:
+      y = self.attn(a)
+    else:
+      y, cache = self.attn.decode(a, cache, step)
+    x = x + y
+    return a, x, self.ffn_norm(x), cache
 
   def __call__(self, x, train: bool):
-    _, x, h = self.inputs(x)
+    _, x, h, _ = self._wire(x)
     if self.sow_ffn_input:
       self.sow(FFNInput, 'ffn_input', h)
     if isinstance(self.ffn, MoE):
       y, aux = self.ffn(h, train=train)
       return x + y, aux
     return x + self.ffn(h), None
+
+  def decode(self, x, cache: dict, step):
+    """x [B, L, D], new tokens at `step` (inference.cache.Step) -> (x, cache). An MoE FFN
+    routes dropless (MoE.generate): no token is dropped while generating."""
+    _, x, h, cache = self._wire(x, cache, step)
+    return x + (self.ffn.generate(h) if isinstance(self.ffn, MoE) else self.ffn(h)), cache
 
 
 def _run_block(block: Block, x, train: bool):
@@ -99,11 +112,20 @@ class TransformerLM(nnx.Module):
         jax.random.normal(rngs.params(), (d, v), jnp.float32) * d ** -0.5,
         out_sharding=(None, None), eager_sharding=False)
 
-  def __call__(self, tokens: jax.Array, train: bool = False):
+  def _embed(self, tokens):
     if tokens.ndim != 2 or not tokens.shape[0] or not tokens.shape[1]:
       raise ValueError(f'tokens must be [B, L] with B >= 1 and L >= 1; got shape '
                        f'{tuple(tokens.shape)}. Pass at least one non-empty sequence.')
-    x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)    # [B, L, D]
+    return jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)  # [B, L, D]
+
+  def _logits(self, x):
+    x = self.final_norm(x)
+    out = self.embed[...].T if self.unembed is None else self.unembed[...]
+    return jnp.einsum('bld,dv->blv', x, as_compute(out, x),
+                      preferred_element_type=jnp.float32)
+
+  def __call__(self, tokens: jax.Array, train: bool = False):
+    x = self._embed(tokens)
     zero = jnp.zeros((), jnp.float32)
     aux = {'load_balance_loss': zero, 'router_z_loss': zero, 'layers': {}}
     run = _run_block_remat if self.remat else _run_block
@@ -113,10 +135,22 @@ class TransformerLM(nnx.Module):
         aux['load_balance_loss'] += layer_aux['load_balance_loss']
         aux['router_z_loss'] += layer_aux['router_z_loss']
         aux['layers'][i] = layer_aux
-    x = self.final_norm(x)
-    out = self.embed[...].T if self.unembed is None else self.unembed[...]
-    return jnp.einsum('bld,dv->blv', x, as_compute(out, x),
-                      preferred_element_type=jnp.float32), aux
+    return self._logits(x), aux
+
+  def init_cache(self, batch: int, length: int) -> list[dict]:
+    """An empty KV cache of `length` slots per block, in the compute dtype."""
+    return [b.attn.init_cache(batch, length, self.dtype) for b in self.blocks]
+
+  def decode(self, tokens: jax.Array, cache: list[dict], step):
+    """tokens i32[B, L], new at `step` (inference.cache.Step: the slot of the first and
+    each row's first real slot) -> (logits f32[B, L, V], the cache with them). Prefill is
+    one call with the whole prompt; each decode call adds one token per row."""
+    x = self._embed(tokens)
+    new = []
+    for block, c in zip(self.blocks, cache):
+      x, c = block.decode(x, c, step)
+      new.append(c)
+    return self._logits(x), new
 
   def param_roles(self) -> dict[str, Role]:
     return {'embed': Role('embedding'),
