@@ -19,8 +19,8 @@ after a compiled warm-up. Decode time per token is one step's time (every row ge
 token). Next to it: resident parameter bytes, KV-cache bytes and the expected number of
 experts a step touches per MoE layer, E*(1-(1-K/E)^B). A second table times the two MoE
 decode paths (dispatch.chosen_experts: only the chosen experts' weights; dispatch.dropless:
-sorted rows and a grouped matmul) on one layer against the token count: MoE.generate takes
-the first below T*K = E.
+sorted rows and a grouped matmul) on one layer against the token count, and the one
+moe.generate_path picks.
 """
 from __future__ import annotations
 
@@ -165,7 +165,7 @@ def layer_paths(size: dict, repeats: int) -> list[dict]:
   import jax.numpy as jnp
   from flax import nnx
   from sparse_jax import dispatch
-  from sparse_jax.moe import MoE
+  from sparse_jax.moe import MoE, generate_path
   d, f, e = size['d_model'], size['d_ff'], size['experts']
   rows = []
   for k in (1, 2):
@@ -193,7 +193,7 @@ def layer_paths(size: dict, repeats: int) -> list[dict]:
       rows.append(dict(k=k, tokens=t, chosen_ms=best['chosen'] * 1e3,
                        dropless_ms=best['dropless'] * 1e3,
                        chosen_over_dropless=best['chosen'] / best['dropless'],
-                       generate_takes='chosen' if t * k < e else 'dropless'))
+                       generate_takes=generate_path(t, k, e)))
   return rows
 
 
@@ -306,7 +306,7 @@ def main(argv=None):
          '`dispatch.chosen_experts` (gathers the chosen experts\' weights: T*K matrices) and '
          '`dispatch.dropless` (sorted rows, grouped matmul over all E); best of '
          f"{size['repeats'] * 5} interleaved calls. MoE.generate takes the chosen path while "
-         'T*K < E.\n\n')
+         '2*T*K < E (`moe.generate_path`).\n\n')
   md += common.table(['K', 'tokens T', 'chosen ms', 'dropless ms', 'chosen / dropless',
                       'MoE.generate takes'],
                      [[r['k'], r['tokens'], f"{r['chosen_ms']:.3f}", f"{r['dropless_ms']:.3f}",

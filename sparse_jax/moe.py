@@ -201,6 +201,15 @@ def _routed(x, logits, weights, bias, *, st: _Settings, apply: Callable,
   return y.reshape(b, l, d).astype(x.dtype), stats
 
 
+def generate_path(tokens: int, k: int, num_experts: int, ep: int = 1) -> str:
+  """Which dropless path MoE.generate takes for `tokens` tokens of top-`k` routing:
+  'chosen' (dispatch.chosen_experts) or 'dropless' (the layer's dropless path). Gathering
+  the T*K chosen experts' weights writes a copy that the matmul reads again, about twice the bytes
+  of reading them in place, so the grouped path over all E is cheaper once 2*T*K >= E
+  (bench_decode.py's layer table); an expert axis keeps the experts where they are."""
+  return 'chosen' if ep == 1 and 2 * tokens * k < num_experts else 'dropless'
+
+
 class MoE(nnx.Module):
   """Routed mixture-of-experts FFN. x [B, L, D] -> (y [B, L, D], aux).
 
@@ -364,10 +373,9 @@ class MoE(nnx.Module):
 
   def generate(self, x: jax.Array) -> jax.Array:
     """y [B, L, D] while generating: dropless top-k with the trained router and experts,
-    whatever dispatch the layer trains with, so no choice is ever dropped. Without expert
-    parallelism, fewer choices than experts (B*L*K < E, decoding) run only the chosen
-    experts' weights (dispatch.chosen_experts); more run the dropless grouped path, and
-    an expert axis > 1 its dropless transport (the experts stay where they are)."""
+    whatever dispatch the layer trains with, so no choice is ever dropped. A few tokens
+    (decoding) run only their chosen experts' weights (dispatch.chosen_experts); more run
+    the dropless grouped path, on an expert axis its dropless transport (generate_path)."""
     self._check_input(x)
     if self.settings.routing == 'expert_choice':
       raise ValueError("routing='expert_choice' picks tokens per expert over the whole "
@@ -376,7 +384,7 @@ class MoE(nnx.Module):
     st = dataclasses.replace(self.settings, dispatch='dropless', group_size=None)
     ok, clean, logits = self._logits(x, False)
     b, l, d = x.shape
-    if st.ep == 1 and b * l * st.k < st.num_experts:
+    if generate_path(b * l, st.k, st.num_experts, st.ep) == 'chosen':
       plan, _ = _route_groups(st, logits.reshape(1, b * l, -1), self._bias())
       plan = routing_lib.RoutingPlan(*(f[0] for f in plan))             # [T, K]
       y = dispatch_lib.chosen_experts(clean.reshape(b * l, d), plan, self.experts.weights(),

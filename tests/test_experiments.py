@@ -5,7 +5,9 @@ it. The committed results come from the same code at larger presets.
 """
 import importlib
 import json
+import os
 import pathlib
+import subprocess
 import sys
 
 import pytest
@@ -50,8 +52,9 @@ def test_no_import_side_effects(script):
   arguments and write through the one report helper."""
   text = (EXPERIMENTS / f'{script}.py').read_text()
   assert 'noqa: E402' not in text and 'XLA_FLAGS' not in text
+  devices = 1 if script == 'bench_decode' else 8        # decoding: one chip's speed
   if script != 'bench_compaction':                      # one device, as it always ran
-    assert 'common.setup_devices(8' in text
+    assert f'common.setup_devices({devices}' in text
   if script in REPROS or script == 'compare':
     assert 'common.report(' in text and 'write_results' not in text
     assert 'Runner(' not in text and '.train(' not in text  # runs named in common only
@@ -215,6 +218,30 @@ def test_bench_hub_load_measures_a_sharded_load(tmp_path):
   assert result['rows'] == [json.loads(json.dumps(row))]
   assert row['param_bytes_per_device'] <= 1.15 * row['param_bytes'] / 8
   assert row['peak_rss'] >= row['baseline_rss'] + row['param_bytes']
+
+
+@pytest.mark.slow
+def test_bench_decode_measures_every_model_and_batch(tmp_path):
+  """One device (a fresh process: the tests run on 8): every model at every batch, with
+  provenance, the plot, and the layer-path rule MoE.generate follows (chosen while T*K < E)."""
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  r = subprocess.run([sys.executable, str(EXPERIMENTS / 'bench_decode.py'), '--quick', '--out',
+                      str(tmp_path)], capture_output=True, text=True, env=env, timeout=900)
+  assert r.returncode == 0, r.stderr
+  result = json.loads((tmp_path / 'bench_decode.json').read_text())
+  meta = result['meta']
+  assert meta['devices'].startswith('1 x') and meta['library_sha256'] == common.library_hash()
+  size = meta['size']
+  models = ['dense_small', 'switch', 'top2', 'dense_large', 'int8', 'pruned_50', 'pruned_2_4']
+  assert {(row['model'], row['batch']) for row in result['rows']} == {
+      (m, b) for m in models for b in size['batches']}
+  assert all(row['decode_ms_per_token'] > 0 and row['prefill_tokens_per_s'] > 0
+             for row in result['rows'])
+  from sparse_jax.moe import generate_path
+  assert [row['generate_takes'] for row in meta['layer_paths']] == [
+      generate_path(row['tokens'], row['k'], size['experts']) for row in meta['layer_paths']]
+  assert set(meta['summary']) >= {'switch_over_dense_small_b1', 'switch_over_dense_large_b1'}
+  assert (tmp_path / 'bench_decode.png').stat().st_size > 0
 
 
 @pytest.mark.slow

@@ -17,6 +17,7 @@ import pytest
 from flax import nnx
 
 from sparse_jax import dispatch, hub, inference, routing, sharding
+from sparse_jax import moe as moe_lib
 from sparse_jax.config import load_config, model_spec
 from sparse_jax.inference import generation, sampling
 from sparse_jax.models import TransformerLM
@@ -210,17 +211,28 @@ def test_expert_choice_is_refused_for_generation():
     layer.generate(jnp.ones((1, 1, 8)))
 
 
-@pytest.mark.parametrize('tokens', [1, 3, 16], ids=['decode', 'few', 'many'])
-def test_moe_generate_is_the_dropless_layer_by_either_path(tokens):
-  """A few tokens (T*K < E) run only their experts' gathered weights; more tokens the
-  dropless grouped path; both equal the dropless layer, with a capacity-trained router."""
+def test_generate_path_by_hand():
+  """The gathered path while 2*T*K < E, and never on an expert axis."""
+  assert [moe_lib.generate_path(t, 1, 8) for t in (1, 3, 4)] == ['chosen', 'chosen', 'dropless']
+  assert [moe_lib.generate_path(t, 2, 8) for t in (1, 2)] == ['chosen', 'dropless']
+  assert moe_lib.generate_path(1, 1, 8, ep=2) == 'dropless'
+
+
+@pytest.mark.parametrize('tokens,path', [(1, 'chosen'), (3, 'dropless'), (16, 'dropless')])
+def test_moe_generate_is_the_dropless_layer_by_either_path(tokens, path, monkeypatch):
+  """A few tokens run only their experts' gathered weights, more the dropless grouped
+  path; both equal the dropless layer, with a capacity-trained router."""
   kw = dict(k=2, shared_d_ff=16, rngs=nnx.Rngs(0))
   layer = MoE(8, 16, 8, dispatch='index', capacity_factor=0.5, **kw)
   ref = MoE(8, 16, 8, dispatch='dropless', **kw)
   nnx.update(ref, nnx.state(layer))
+  taken = []
+  chosen = dispatch.chosen_experts
+  monkeypatch.setattr(dispatch, 'chosen_experts', lambda *a: taken.append(1) or chosen(*a))
   x = jax.random.normal(jax.random.key(1), (1, tokens, 8))
   np.testing.assert_allclose(nnx.jit(lambda m, x: m.generate(x))(layer, x),
                              nnx.jit(lambda m, x: m(x)[0])(ref, x), atol=1e-6)
+  assert bool(taken) == (path == 'chosen')
 
 
 def test_chosen_experts_by_hand():

@@ -15,6 +15,7 @@ import time
 import jax
 import ml_collections
 import numpy as np
+from flax import nnx
 from tqdm import tqdm
 
 from sparse_jax import data, sharding
@@ -22,7 +23,7 @@ from sparse_jax.analysis.accounting import flops_from_config, params_from_config
 from sparse_jax.config import ConfigError, Spec, resolve
 from sparse_jax.training import checkpoint
 from sparse_jax.training.metrics import MetricsWriter, WriteError
-from sparse_jax.training.steps import bits_per_byte, build, memory
+from sparse_jax.training.steps import bits_per_byte, build, eval_metrics, memory
 from sparse_jax.upcycle import upcycle
 from sparse_jax.workdir import check_resume
 
@@ -77,16 +78,21 @@ def data_iterator(spec: Spec, split, *, train: bool):
     raise DataError(str(e)) from e
 
 
-def _evaluate(eval_fn, state, spec: Spec, mesh) -> dict:
+def _evaluate(eval_fn, state, spec: Spec, mesh, split='validation', batches=None) -> dict:
+  batches = spec.train.eval_batches if batches is None else batches
   sums, n = None, 0
-  it = data_iterator(spec, 'validation', train=False)
+  it = data_iterator(spec, split, train=False)
   for batch in it:
     m = jax.device_get(eval_fn(state, sharding.put_batch(batch, mesh)))
     sums = m if sums is None else jax.tree.map(np.add, sums, m)
     n += 1
-    if n == spec.train.eval_batches:
+    if n == batches:
       break
   it.close()                                   # stop its prefetch thread now
+  if not n:
+    raise DataError(f'the {split!r} split of {spec.data_source} holds less than one batch of '
+                    f'{spec.train.batch_size} x {spec.train.seq_len + 1} tokens; give more '
+                    'text or a smaller batch')
   out = _to_host({k: v / n for k, v in sums.items()})
   if spec.data_tokenizer is None:              # byte tokens: nats per token -> bits per byte
     out['bpb'] = bits_per_byte(out['loss'])
@@ -138,11 +144,15 @@ def check_data(spec: Spec, info: dict) -> None:
     it.close()
 
 
-def evaluate(spec: Spec, model, mesh) -> dict:
-  """Validation loss (nats per token), bits per byte and routing metrics of `model`,
-  with the eval step train() uses."""
-  steps = build(spec, mesh, model)
-  return _evaluate(steps.eval, steps.state, spec, mesh)
+def evaluate(spec: Spec, model, mesh, split: str = 'validation',
+             batches: int | None = None) -> dict:
+  """Loss (nats per token), bits per byte (byte tokens) and routing metrics of `model`,
+  placed on `mesh`, over the first `batches` batches of `split` of spec.data_source, in
+  order (default spec.train.eval_batches, what training reports; 0: the whole split). The
+  metrics train() evaluates; no optimizer is built."""
+  graphdef, state = nnx.split(model)
+  step = jax.jit(lambda state, batch: eval_metrics(nnx.merge(graphdef, state), batch))
+  return _evaluate(step, state, spec, mesh, split, batches)
 
 
 @contextlib.contextmanager

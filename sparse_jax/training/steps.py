@@ -132,11 +132,17 @@ def make_train_step(graphdef, spec: Spec, mesh: Mesh | None = None):
   return train_step
 
 
+def eval_metrics(model, batch) -> dict:
+  """Cross-entropy (nats per token, no auxiliary losses) and routing metrics of a batch."""
+  _, (ce, aux) = lm_loss(model, batch, train=False, lb_coef=0.0, z_coef=0.0)
+  return {'loss': ce, **routing_metrics(aux)}
+
+
 def make_eval_step(graphdef):
+  """(state of (model, optimizer), batch) -> eval_metrics of the model."""
   def eval_step(state, batch):
     model, _ = nnx.merge(graphdef, state)
-    _, (ce, aux) = lm_loss(model, batch, train=False, lb_coef=0.0, z_coef=0.0)
-    return {'loss': ce, **routing_metrics(aux)}
+    return eval_metrics(model, batch)
 
   return eval_step
 
