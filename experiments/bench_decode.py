@@ -13,13 +13,15 @@ Models (random weights, float32, every block's FFN as named; one CPU device):
                 channel), dequantised inside the jitted step: int8 resident bytes
   pruned_50     dense_small, 50% of each kernel zeroed by magnitude (stored dense)
   pruned_2_4    dense_small, 2:4 by magnitude (stored dense)
-Each (model, batch) runs sparse_jax.inference.generation.run (prefill of a prompt of P
-tokens per row, then N-1 decode steps); the time is the best of --repeats interleaved runs
-after a compiled warm-up. Decode time per token is one step's time (every row gets a
-token). Next to it: resident parameter bytes, KV-cache bytes and the expected number of
-experts a step touches per MoE layer, E*(1-(1-K/E)^B). A second table times the two MoE
-decode paths (dispatch.chosen_experts: only the chosen experts' weights; dispatch.dropless:
-sorted rows and a grouped matmul) on one layer against the token count, and the one
+Each (model, batch) prefills a prompt of P tokens per row, then decodes N-1 steps, with
+the model's own decode() jitted as sparse_jax.inference.generation does (greedy, each
+token to the host), one loop for every model so that the int8 kernels can enter the steps
+as int8; the time is the best of the repeats, interleaved, after a compiled warm-up.
+Decode time per token is one step's time (every row gets a token). Next to it: resident
+parameter bytes, KV-cache bytes and the expected number of experts a step touches per MoE
+layer, E*(1-(1-K/E)^B). A second table decodes switch and top2 with MoE.generate's path
+forced to each of its two (dispatch.chosen_experts: only the chosen experts' weights;
+the dropless layer: sorted rows and a grouped matmul) against the batch, next to the one
 moe.generate_path picks.
 """
 from __future__ import annotations
@@ -34,9 +36,9 @@ import common
 
 SIZES = {
     'full': dict(d_model=384, layers=4, heads=6, d_ff=1536, experts=8, prompt=32, new=9,
-                 batches=(1, 4, 16, 64, 256), repeats=3, layer_tokens=(1, 2, 4, 8, 16, 64)),
+                 batches=(1, 4, 16, 64, 256), repeats=3, path_batches=(1, 2, 3, 4, 8)),
     'quick': dict(d_model=32, layers=2, heads=2, d_ff=64, experts=4, prompt=8, new=3,
-                  batches=(1, 4), repeats=1, layer_tokens=(1, 4)),
+                  batches=(1, 4), repeats=1, path_batches=(1, 2)),
 }
 MODELS = ('dense_small', 'switch', 'top2', 'dense_large', 'int8', 'pruned_50', 'pruned_2_4')
 
@@ -109,43 +111,50 @@ def dequantised_model(int8: Int8, quantised):
   return nnx.merge(int8.graphdef, nnx.from_flat_state(flat))
 
 
-def _param_bytes(model) -> int:
-  import jax
-  from flax import nnx
-  return sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-
-
-def _int8_step(int8: Int8, q, tokens, cache, slot):
+def _step(model_of, path, params, tokens, cache, slot):
+  """One jitted decode (or prefill) call of the model model_of(params) builds; `path`
+  forces MoE.generate's path while it is traced (None: moe.generate_path decides)."""
   import jax.numpy as jnp
+  from sparse_jax import moe
   from sparse_jax.inference.cache import Step
   from sparse_jax.inference.sampling import sample
-  model = dequantised_model(int8, q)
-  logits, cache = model.decode(tokens, cache, Step(slot, jnp.zeros(tokens.shape[0], jnp.int32)))
+  rule = moe.generate_path
+  if path is not None:
+    moe.generate_path = lambda *a, **k: path
+  try:
+    start = jnp.zeros(tokens.shape[0], jnp.int32)
+    logits, cache = model_of(params).decode(tokens, cache, Step(slot, start))
+  finally:
+    moe.generate_path = rule
   return sample(logits[:, -1], None), cache
 
 
-def _run_int8(int8: Int8, prompt, n):
-  """generation.run's loop for the int8 model (equal-length prompts): the kernels enter
-  the jitted prefill and decode steps as int8 and are dequantised there."""
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
-  b, p = prompt.shape
-  length = -(-(p + n) // 64) * 64
-  if not hasattr(int8, 'step'):                      # one jit: compiled once per shape
-    int8.step = jax.jit(functools.partial(_int8_step, int8), donate_argnums=(2,))
-    int8.init = jax.jit(lambda b, t: dequantised_model(int8, int8.quantised).init_cache(b, t),
-                        static_argnums=(0, 1))
-  cache = int8.init(b, length)
-  t0 = time.perf_counter()
-  token, cache = int8.step(int8.quantised, prompt, cache, jnp.int32(0))
-  token.block_until_ready()
-  t1 = time.perf_counter()
-  for i in range(n - 1):              # each token to the host, as generation.run does
+class Loop:
+  """generation.run's loop (equal-length prompts, greedy, each token to the host) around
+  a model rebuilt inside the jitted steps by model_of(params): the int8 model enters them
+  as int8 kernels, and `path` forces the decode steps' MoE path."""
+
+  def __init__(self, model_of, params, path=None):
+    import jax
+    self.params = params
+    self.prefill = jax.jit(functools.partial(_step, model_of, None), donate_argnums=(2,))
+    self.decode = jax.jit(functools.partial(_step, model_of, path), donate_argnums=(2,))
+    self.init = jax.jit(lambda b, t: model_of(params).init_cache(b, t), static_argnums=(0, 1))
+
+  def __call__(self, prompt, n):
+    import jax.numpy as jnp
+    import numpy as np
+    b, p = prompt.shape
+    cache = self.init(b, -(-(p + n) // 64) * 64)
+    t0 = time.perf_counter()
+    token, cache = self.prefill(self.params, prompt, cache, jnp.int32(0))
+    token.block_until_ready()
+    t1 = time.perf_counter()
+    for i in range(n - 1):
+      np.asarray(token)
+      token, cache = self.decode(self.params, token[:, None], cache, jnp.int32(p + i))
     np.asarray(token)
-    token, cache = int8.step(int8.quantised, token[:, None], cache, jnp.int32(p + i))
-  np.asarray(token)
-  return t1 - t0, time.perf_counter() - t1
+    return t1 - t0, time.perf_counter() - t1
 
 
 def kv_bytes(spec, batch: int, slots: int) -> int:
@@ -159,87 +168,81 @@ def expected_experts(spec, batch: int) -> float:
   return e * (1 - (1 - k / e) ** batch)
 
 
-def layer_paths(size: dict, repeats: int) -> list[dict]:
-  """One MoE layer's two decode paths on the same routing plans, against T tokens."""
+def decode_paths(size: dict, models: dict, base: dict) -> list[dict]:
+  """Decode time per token of switch and top2 with MoE.generate's path forced to each of
+  'chosen' and 'dropless', against the batch (the tokens a decode step routes)."""
   import jax
-  import jax.numpy as jnp
-  from flax import nnx
-  from sparse_jax import dispatch
-  from sparse_jax.moe import MoE, generate_path
-  d, f, e = size['d_model'], size['d_ff'], size['experts']
+  import numpy as np
+  from sparse_jax.moe import generate_path
+  p, n, e = size['prompt'], size['new'], size['experts']
   rows = []
-  for k in (1, 2):
-    layer = MoE(d, f // k, e, k=k, dispatch='dropless', rngs=nnx.Rngs(0))
-    for t in size['layer_tokens']:
-      x = jax.random.normal(jax.random.key(t), (1, t, d))
-
-      def run(m, x, path):
-        plan, _ = m.route(x)
-        plan = type(plan)(*(a[0] for a in plan))
-        w, xt = m.experts.weights(), x[0]
-        if path == 'chosen':
-          return dispatch.chosen_experts(xt, plan, w, m.experts.apply)
-        return dispatch.dropless(xt, plan, e, functools.partial(m.experts.grouped_apply, w))
-
-      fns = {p: nnx.jit(functools.partial(run, path=p)) for p in ('chosen', 'dropless')}
-      outs = {p: fn(layer, x) for p, fn in fns.items()}
-      assert jnp.allclose(outs['chosen'], outs['dropless'], atol=1e-5)
-      best = {p: float('inf') for p in fns}
-      for _ in range(repeats * 5):
-        for p, fn in fns.items():
-          t0 = time.perf_counter()
-          fn(layer, x).block_until_ready()
-          best[p] = min(best[p], time.perf_counter() - t0)
-      rows.append(dict(k=k, tokens=t, chosen_ms=best['chosen'] * 1e3,
+  for name in ('switch', 'top2'):
+    loops = {path: loop_of(models[name], path) for path in ('chosen', 'dropless')}
+    for b in size['path_batches']:
+      prompt = jax.numpy.asarray(np.random.default_rng(b).integers(0, 256, (b, p), np.int32))
+      best = {path: float('inf') for path in loops}
+      for loop in loops.values():                      # compile and warm up
+        loop(prompt, n)
+      for _ in range(size['repeats']):
+        for path, loop in loops.items():
+          best[path] = min(best[path], loop(prompt, n)[1] / (n - 1))
+      k = base[name].moe.k
+      rows.append(dict(model=name, k=k, batch=b, chosen_ms=best['chosen'] * 1e3,
                        dropless_ms=best['dropless'] * 1e3,
                        chosen_over_dropless=best['chosen'] / best['dropless'],
-                       generate_takes=generate_path(t, k, e)))
+                       generate_takes=generate_path(b, k, e)))
   return rows
 
 
-def measure(size: dict) -> list[dict]:
+def build(base: dict) -> dict:
+  """The seven models of MODELS (int8: its Loop) from the four specs."""
+  from flax import nnx
+  from sparse_jax.models import TransformerLM
+  models = {n: TransformerLM(s, rngs=nnx.Rngs(0)) for n, s in base.items()}
+  small = lambda: TransformerLM(base['dense_small'], rngs=nnx.Rngs(0))
+  models['pruned_50'] = pruned(small(), sparsity=0.5)
+  models['pruned_2_4'] = pruned(small(), n_m=(2, 4))
+  models['int8'] = Int8(small())
+  return models
+
+
+def loop_of(model, path=None) -> Loop:
+  from flax import nnx
+  if isinstance(model, Int8):
+    return Loop(functools.partial(dequantised_model, model), model.quantised, path)
+  graphdef, state = nnx.split(model)
+  return Loop(functools.partial(nnx.merge, graphdef), state, path)
+
+
+def measure(size: dict, models: dict, base: dict) -> list[dict]:
+  """Every model at every batch through the same Loop, interleaved."""
   import jax
   import numpy as np
   from flax import nnx
-  from sparse_jax.inference import generation
-  from sparse_jax.models import TransformerLM
-  base = specs(size)
-  models = {n: TransformerLM(s, rngs=nnx.Rngs(0)) for n, s in base.items()}
-  models['pruned_50'] = pruned(TransformerLM(base['dense_small'], rngs=nnx.Rngs(0)),
-                               sparsity=0.5)
-  models['pruned_2_4'] = pruned(TransformerLM(base['dense_small'], rngs=nnx.Rngs(0)),
-                                n_m=(2, 4))
-  int8 = Int8(TransformerLM(base['dense_small'], rngs=nnx.Rngs(0)))
   spec_of = dict(base, int8=base['dense_small'], pruned_50=base['dense_small'],
                  pruned_2_4=base['dense_small'])
+  loops = {m: loop_of(models[m]) for m in MODELS}
   p, n = size['prompt'], size['new']
   rows = []
   for b in size['batches']:
-    prompt = np.random.default_rng(b).integers(0, 256, (b, p), dtype=np.int32)
-
-    def once(name):
-      if name == 'int8':
-        return _run_int8(int8, jax.numpy.asarray(prompt), n)
-      _, t = generation.run(models[name], prompt, n)
-      return t.prefill_s, t.decode_s
-
+    prompt = jax.numpy.asarray(np.random.default_rng(b).integers(0, 256, (b, p), np.int32))
     best = {m: [float('inf'), float('inf')] for m in MODELS}
     for m in MODELS:                                   # compile and warm up
-      once(m)
+      loops[m](prompt, n)
     for _ in range(size['repeats']):                   # interleaved: the same conditions
       for m in MODELS:
-        pre, dec = once(m)
+        pre, dec = loops[m](prompt, n)
         best[m] = [min(best[m][0], pre), min(best[m][1], dec)]
     for m in MODELS:
-      s = spec_of[m]
-      zeros = sum(int((x == 0).sum()) for x in jax.tree.leaves(nnx.state(models[m], nnx.Param))
-                  ) if m in models else 0
+      s, int8 = spec_of[m], m == 'int8'
+      params = [] if int8 else jax.tree.leaves(nnx.state(models[m], nnx.Param))
       rows.append(dict(
           model=m, batch=b, prefill_tokens_per_s=b * p / best[m][0],
           decode_ms_per_token=best[m][1] / (n - 1) * 1e3,
           decode_tokens_per_s=b * (n - 1) / best[m][1],
-          param_bytes=int8.resident_bytes() if m == 'int8' else _param_bytes(models[m]),
-          zero_params=zeros, kv_cache_bytes=kv_bytes(s, b, -(-(p + n) // 64) * 64),
+          param_bytes=models[m].resident_bytes() if int8 else sum(x.nbytes for x in params),
+          zero_params=sum(int((x == 0).sum()) for x in params),
+          kv_cache_bytes=kv_bytes(s, b, -(-(p + n) // 64) * 64),
           expected_experts_per_layer=expected_experts(s, b)))
   return rows
 
@@ -269,8 +272,10 @@ def main(argv=None):
   warnings.filterwarnings('ignore', category=DeprecationWarning, module='qwix')
   size = SIZES['quick' if a.quick else 'full']
   meta = common.provenance([0], source=None) | {'size': size}
-  rows = measure(size)
-  paths = layer_paths(size, size['repeats'])
+  base = specs(size)
+  models = build(base)
+  rows = measure(size, models, base)
+  paths = decode_paths(size, models, base)
   by = {(r['model'], r['batch']): r for r in rows}
   md = common.header('Decoding: what MoE, pruning and quantisation buy per batch size', meta)
   md += (f"d_model {size['d_model']}, {size['layers']} layers, {size['heads']} heads, "
@@ -302,19 +307,20 @@ def main(argv=None):
          f"{summary['int8_over_dense_small_b1']:.2f}x dense_small. Switch's time per token "
          + (f'reaches dense_large\'s at batch {cross}.' if cross else
             'stays below dense_large\'s at every batch measured.') + '\n')
-  md += ('\n## The two MoE decode paths, one layer\n\nThe same routing plan through '
-         '`dispatch.chosen_experts` (gathers the chosen experts\' weights: T*K matrices) and '
-         '`dispatch.dropless` (sorted rows, grouped matmul over all E); best of '
-         f"{size['repeats'] * 5} interleaved calls. MoE.generate takes the chosen path while "
-         '2*T*K < E (`moe.generate_path`).\n\n')
-  md += common.table(['K', 'tokens T', 'chosen ms', 'dropless ms', 'chosen / dropless',
-                      'MoE.generate takes'],
-                     [[r['k'], r['tokens'], f"{r['chosen_ms']:.3f}", f"{r['dropless_ms']:.3f}",
-                       f"{r['chosen_over_dropless']:.2f}", r['generate_takes']] for r in paths])
+  md += ('\n## The two MoE decode paths\n\nDecode time per token of the whole model with '
+         "MoE.generate's path forced to `dispatch.chosen_experts` (gathers the T*K chosen "
+         "experts' weights) or to the dropless layer (rows sorted by expert, a grouped matmul "
+         'over all E), against the batch (T tokens per decode step), interleaved as above. '
+         'MoE.generate takes the chosen path while 2*T*K < E (`moe.generate_path`).\n\n')
+  md += common.table(['model', 'K', 'batch T', 'chosen ms/token', 'dropless ms/token',
+                      'chosen / dropless', 'MoE.generate takes'],
+                     [[r['model'], r['k'], r['batch'], f"{r['chosen_ms']:.2f}",
+                       f"{r['dropless_ms']:.2f}", f"{r['chosen_over_dropless']:.2f}",
+                       r['generate_takes']] for r in paths])
   print(md)
   if a.out:
     common.write_results('bench_decode', md, rows, meta | {'summary': summary,
-                                                           'layer_paths': paths}, a.out)
+                                                           'decode_paths': paths}, a.out)
     plot(rows, a.out / 'bench_decode.png')
   return rows, paths, summary
 

@@ -31,10 +31,10 @@ from typing import NamedTuple
 
 import jax                     # imported, not started: --cpu_devices is applied in main()
 import numpy as np
-from absl import flags, logging
+from absl import flags
 from flax import nnx
 
-from sparse_jax import data, pruning, roles
+from sparse_jax import cli, data, pruning, roles
 from sparse_jax.config import ConfigError, parse_n_m, resolve, validate
 from sparse_jax.pruning import compaction, experts, post_training
 from sparse_jax.training import checkpoint, loop
@@ -316,15 +316,12 @@ def main(argv=None):
     options = Options(**{k: FLAGS[k].value for k in Options._fields})
     check_options(options)
   except (flags.Error, FlagError) as e:
-    _die(e)
-  logging.set_verbosity(logging.ERROR)
-  logging.get_absl_handler().addFilter(lambda r: '/orbax/' not in r.pathname)
-  if FLAGS.cpu_devices:
-    jax.config.update('jax_num_cpu_devices', FLAGS.cpu_devices)
+    cli.die(e)
+  cli.setup(FLAGS.cpu_devices)
   try:
     r = compress(options)
   except (FlagError, ConfigError, checkpoint.NoCheckpointError, loop.DataError) as e:
-    _die(e)
+    cli.die(e)
   b, a = r['before'], r['after']
   print(f"\n{'':8}{'val loss':>10}{'bits/byte':>11}{'params':>12}{'non-zero':>12}")
   for name, row in (('before', b), ('after', a)):
@@ -333,11 +330,6 @@ def main(argv=None):
   print(f'\nwrote {FLAGS.out} (step {r["step"]}); continue training it with\n  python -m '
         f'sparse_jax.train --config={pathlib.Path(FLAGS.out) / "config.py"} '
         f'--workdir={FLAGS.out} --config.train.steps=N')
-
-
-def _die(message, code: int = 2):
-  print(f'error: {" ".join(str(message).split())}', file=sys.stderr)
-  sys.exit(code)
 
 
 if __name__ == '__main__':

@@ -27,9 +27,10 @@ import pathlib
 import shutil
 import sys
 
-from absl import flags, logging
+from absl import flags
 from ml_collections import config_flags
 
+from sparse_jax import cli
 from sparse_jax.config import ConfigError, base_config
 from sparse_jax.workdir import write_workdir_config
 
@@ -162,12 +163,8 @@ def main(argv=None):
     if FLAGS.to_hf and overrides:
       raise FlagError('--config overrides apply to --from_hf only')
   except (flags.Error, FlagError, KeyError, AttributeError) as e:
-    _die(e)
-  logging.set_verbosity(logging.ERROR)
-  logging.get_absl_handler().addFilter(lambda r: '/orbax/' not in r.pathname)
-  import jax
-  if FLAGS.cpu_devices:
-    jax.config.update('jax_num_cpu_devices', FLAGS.cpu_devices)
+    cli.die(e)
+  cli.setup(FLAGS.cpu_devices)
   from sparse_jax.hub import HubError
   from sparse_jax.training.checkpoint import NoCheckpointError
   try:
@@ -179,12 +176,7 @@ def main(argv=None):
       out = to_hf(FLAGS.workdir, FLAGS.to_hf)
       print(f'wrote {out}')
   except (FlagError, ConfigError, HubError, NoCheckpointError) as e:
-    _die(e)
-
-
-def _die(message, code: int = 2):
-  print(f'error: {" ".join(str(message).split())}', file=sys.stderr)
-  sys.exit(code)
+    cli.die(e)
 
 
 if __name__ == '__main__':

@@ -22,7 +22,9 @@ import math
 import pathlib
 import sys
 
-from absl import flags, logging
+from absl import flags
+
+from sparse_jax import cli
 
 FLAGS = flags.FlagValues()
 _DEFINE = dict(flag_values=FLAGS)
@@ -48,12 +50,8 @@ def main(argv=None):
     if not FLAGS.workdir:
       raise ValueError('--workdir is required')
   except (flags.Error, ValueError) as e:
-    _die(e)
-  logging.set_verbosity(logging.ERROR)
-  logging.get_absl_handler().addFilter(lambda r: '/orbax/' not in r.pathname)
-  import jax
-  if FLAGS.cpu_devices:
-    jax.config.update('jax_num_cpu_devices', FLAGS.cpu_devices)
+    cli.die(e)
+  cli.setup(FLAGS.cpu_devices)
   from sparse_jax import data, sharding
   from sparse_jax.training import checkpoint, loop
   try:
@@ -74,17 +72,12 @@ def main(argv=None):
     data.prepare(spec.data_source, spec.data_dir, verbose=False)
     out = loop.evaluate(spec, model, mesh, split, FLAGS.batches)
   except (ValueError, OSError) as e:     # DataError, NoCheckpointError, SpecError, ...
-    _die(e)
+    cli.die(e)
   if spec.data_tokenizer is not None:
     out['bits_per_token'] = out['loss'] / math.log(2)
   out.update(workdir=str(FLAGS.workdir), data=spec.data_source, split=split,
              tokens=out['batches'] * t.batch_size * t.seq_len)
   print(json.dumps(out))
-
-
-def _die(message, code: int = 2):
-  print(f'error: {" ".join(str(message).split())}', file=sys.stderr)
-  sys.exit(code)
 
 
 if __name__ == '__main__':

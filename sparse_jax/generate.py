@@ -18,7 +18,9 @@ import codecs
 import pathlib
 import sys
 
-from absl import flags, logging
+from absl import flags
+
+from sparse_jax import cli
 
 FLAGS = flags.FlagValues()
 _DEFINE = dict(flag_values=FLAGS)
@@ -103,12 +105,9 @@ def main(argv=None):
       raise ValueError('--workdir is required')
     prompts = _prompts()
   except (flags.Error, ValueError) as e:
-    _die(e)
-  logging.set_verbosity(logging.ERROR)
-  logging.get_absl_handler().addFilter(lambda r: '/orbax/' not in r.pathname)
+    cli.die(e)
+  cli.setup(FLAGS.cpu_devices)
   import jax
-  if FLAGS.cpu_devices:
-    jax.config.update('jax_num_cpu_devices', FLAGS.cpu_devices)
   from sparse_jax.inference import generation
   from sparse_jax.training import checkpoint
   settings = dict(temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p)
@@ -120,7 +119,7 @@ def main(argv=None):
     generation.check_prompt(rows, FLAGS.max_new_tokens, spec.model.vocab_size,
                             FLAGS.max_len)
   except (ValueError, OSError) as e:     # GenerationError, NoCheckpointError, SpecError, ...
-    _die(e)
+    cli.die(e)
   eos = None if FLAGS.ignore_eos else spec.eod_id
   stream = Stream(text, eos) if len(rows) == 1 else None
   if stream is not None:
@@ -140,11 +139,6 @@ def main(argv=None):
         f'{t.decode_tokens} tokens in {t.decode_s:.3f} s '
         f'({t.decode_tokens / max(t.decode_s, 1e-9):,.1f} tokens/s); compile '
         f'{t.compile_s:.1f} s', file=sys.stderr)
-
-
-def _die(message, code: int = 2):
-  print(f'error: {" ".join(str(message).split())}', file=sys.stderr)
-  sys.exit(code)
 
 
 if __name__ == '__main__':

@@ -14,7 +14,9 @@ from __future__ import annotations
 import pathlib
 import sys
 
-from absl import flags, logging
+from absl import flags
+
+from sparse_jax import cli
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
@@ -29,11 +31,6 @@ flags.DEFINE_bool('multihost', False, 'Call jax.distributed.initialize() even wi
                   'three flags above (their values are auto-detected on TPU/GPU clusters).')
 
 
-def _die(message: str, code: int = 2):
-  print(f'error: {" ".join(str(message).split())}', file=sys.stderr)
-  sys.exit(code)
-
-
 def main(argv=None):
   argv = sys.argv if argv is None else argv
   try:
@@ -42,7 +39,7 @@ def main(argv=None):
     if config is not None:
       config = config.copy_and_resolve_references()      # loads the file now, not later
   except flags.Error as e:                               # flag syntax and values
-    _die(e)
+    cli.die(e)
   except (KeyError, AttributeError) as e:                # an override of a missing key
     while e.args and isinstance(e.args[0], BaseException):   # AttributeError(KeyError(..))
       e = e.args[0]
@@ -52,21 +49,17 @@ def main(argv=None):
     flag = next((a.split('=')[0] for a in argv if a.startswith('--config.')
                  and f'.{key}.' in a.split('=')[0] + '.'), key)
     hint = f' ({hint.strip()})' if hint.strip() else ''
-    _die(f'unknown config key {key!r} in {flag}{hint}; the keys and their defaults are in '
+    cli.die(f'unknown config key {key!r} in {flag}{hint}; the keys and their defaults are in '
          'sparse_jax/config.py (base_config)')
   except OSError as e:                                   # the config file itself
-    _die('cannot load the --config file: ' + str(e).splitlines()[-1].strip())
-  logging.set_verbosity(logging.ERROR)                   # tfds' info/warning chatter
-  # orbax logs a failed save's traceback from its threads; the trainer reports it in one line
-  logging.get_absl_handler().addFilter(lambda r: '/orbax/' not in r.pathname)
+    cli.die('cannot load the --config file: ' + str(e).splitlines()[-1].strip())
   if config is None:
-    _die('--config is required, e.g. --config=configs/switch.py')
+    cli.die('--config is required, e.g. --config=configs/switch.py')
   if not FLAGS.workdir:
-    _die('--workdir is required, e.g. --workdir=runs/switch')
+    cli.die('--workdir is required, e.g. --workdir=runs/switch')
 
-  import jax                                             # after flags: device setup
-  if FLAGS.cpu_devices:
-    jax.config.update('jax_num_cpu_devices', FLAGS.cpu_devices)
+  cli.setup(FLAGS.cpu_devices)
+  import jax
   if FLAGS.multihost or FLAGS.coordinator_address or FLAGS.num_processes:
     from sparse_jax.sharding import initialize_distributed
     initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
@@ -75,13 +68,13 @@ def main(argv=None):
   try:
     validate(config, jax.device_count(), jax.process_count())
   except ConfigError as e:
-    _die(e)
+    cli.die(e)
   from sparse_jax.training import checkpoint, loop
   try:
     code = loop.train(config, pathlib.Path(FLAGS.workdir))
   except (ConfigError, loop.DataError, loop.WorkdirError,
           checkpoint.NoCheckpointError) as e:
-    _die(e)                     # ConfigError here: FSDP cannot split, or resume refused
+    cli.die(e)                     # ConfigError here: FSDP cannot split, or resume refused
   sys.exit(code)
 
 

@@ -223,7 +223,7 @@ def test_bench_hub_load_measures_a_sharded_load(tmp_path):
 @pytest.mark.slow
 def test_bench_decode_measures_every_model_and_batch(tmp_path):
   """One device (a fresh process: the tests run on 8): every model at every batch, with
-  provenance, the plot, and the layer-path rule MoE.generate follows (chosen while T*K < E)."""
+  provenance, the plot, and the decode path MoE.generate takes at each batch."""
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
   r = subprocess.run([sys.executable, str(EXPERIMENTS / 'bench_decode.py'), '--quick', '--out',
                       str(tmp_path)], capture_output=True, text=True, env=env, timeout=900)
@@ -238,8 +238,11 @@ def test_bench_decode_measures_every_model_and_batch(tmp_path):
   assert all(row['decode_ms_per_token'] > 0 and row['prefill_tokens_per_s'] > 0
              for row in result['rows'])
   from sparse_jax.moe import generate_path
-  assert [row['generate_takes'] for row in meta['layer_paths']] == [
-      generate_path(row['tokens'], row['k'], size['experts']) for row in meta['layer_paths']]
+  paths = meta['decode_paths']
+  assert {(row['model'], row['batch']) for row in paths} == {
+      (m, b) for m in ('switch', 'top2') for b in size['path_batches']}
+  assert [row['generate_takes'] for row in paths] == [
+      generate_path(row['batch'], row['k'], size['experts']) for row in paths]
   assert set(meta['summary']) >= {'switch_over_dense_small_b1', 'switch_over_dense_large_b1'}
   assert (tmp_path / 'bench_decode.png').stat().st_size > 0
 
