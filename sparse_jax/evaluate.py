@@ -45,6 +45,7 @@ flags.DEFINE_integer('cpu_devices', None, 'Simulate this many CPU devices (CPU o
 
 def main(argv=None):
   argv = sys.argv if argv is None else argv
+  FLAGS.unparse_flags()               # each call starts from the defaults (tests call main)
   try:
     FLAGS(argv)
     if not FLAGS.workdir:

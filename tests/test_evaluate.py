@@ -5,11 +5,10 @@ import json
 import math
 import pathlib
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from flax import nnx
 
 from sparse_jax import hub
 
@@ -19,9 +18,17 @@ TEXT = ('def mean(xs):\n    """The average of a non-empty list."""\n    return s
         'len(xs)\n\n\nclass Stack:\n    def __init__(self):\n        self.items = []\n')
 
 
-def _cli(*flags):
-  return subprocess.run([sys.executable, '-m', 'sparse_jax.evaluate', *flags],
-                        capture_output=True, text=True, timeout=300, cwd=ROOT)
+def _cli(capsys, *flags):
+  """The command in this process (8 devices, as a subprocess here would see): (exit code,
+  stdout, stderr)."""
+  from sparse_jax import evaluate
+  try:
+    evaluate.main(['evaluate', *flags])
+    code = 0
+  except SystemExit as e:
+    code = e.code
+  out = capsys.readouterr()
+  return code, out.out, out.err
 
 
 def _digest(folder: pathlib.Path) -> dict:
@@ -40,17 +47,17 @@ def workdir(tmp_path_factory):
   return convert.from_hf(str(root / 'hf'), str(root / 'w'))
 
 
-def test_loss_on_text_files_is_the_models_cross_entropy(workdir, tmp_path):
+def test_loss_on_text_files_is_the_models_cross_entropy(workdir, tmp_path, capsys):
   """The command's loss equals the mean next-token cross-entropy of the first batch of
   windows of the file's token stream (its ids, then the end-of-document id), computed
   with numpy from the model's logits; the workdir is unchanged."""
   from tokenizers import Tokenizer
   (tmp_path / 'a.py').write_text(TEXT)
   before = _digest(workdir)
-  r = _cli(f'--workdir={workdir}', f'--data=files:{tmp_path}/*.py', '--batch_size=8',
-           '--seq_len=6', '--batches=1')
-  assert r.returncode == 0, r.stderr
-  out = json.loads(r.stdout)
+  code, stdout, stderr = _cli(capsys, f'--workdir={workdir}', f'--data=files:{tmp_path}/*.py',
+                              '--batch_size=8', '--seq_len=6', '--batches=1')
+  assert code == 0, stderr
+  out = json.loads(stdout)
   assert _digest(workdir) == before
   model, spec = hub.load_hf(HF / 'mixtral')
   tok = Tokenizer.from_file(str(workdir / 'tokenizer.json'))
@@ -58,7 +65,7 @@ def test_loss_on_text_files_is_the_models_cross_entropy(workdir, tmp_path):
   stream = tok.encode(TEXT, add_special_tokens=False).ids + [eos]
   assert len(stream) >= 8 * 7
   rows = np.asarray(stream[:8 * 7]).reshape(8, 7)
-  logits = np.asarray(model(rows[:, :-1], train=False)[0], np.float64)
+  logits = np.asarray(nnx.jit(lambda m, t: m(t)[0])(model, rows[:, :-1]), np.float64)
   logp = logits - logits.max(-1, keepdims=True)
   logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
   want = -np.take_along_axis(logp, rows[:, 1:, None], -1).mean()
@@ -74,15 +81,15 @@ def test_loss_on_text_files_is_the_models_cross_entropy(workdir, tmp_path):
     (['--split=test'], "splits 'train', 'validation'"),
     (['--batches=-1'], 'batches'),
 ])
-def test_bad_input_exits_2_with_one_line(workdir, tmp_path, flags, words):
+def test_bad_input_exits_2_with_one_line(workdir, tmp_path, flags, words, capsys):
   (tmp_path / 'a.py').write_text(TEXT)
   if not any(f.startswith('--data') for f in flags):
     flags = [f'--data=files:{tmp_path}/*.py', *flags]
-  r = _cli(f'--workdir={workdir}', *flags)
-  assert r.returncode == 2 and words in r.stderr, r.stderr
-  assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+  code, _, stderr = _cli(capsys, f'--workdir={workdir}', *flags)
+  assert code == 2 and words in stderr, stderr
+  assert len(stderr.strip().splitlines()) == 1, stderr
 
 
-def test_a_workdir_without_a_checkpoint_exits_2(tmp_path):
-  r = _cli(f'--workdir={tmp_path}')
-  assert r.returncode == 2 and 'no checkpoint' in r.stderr
+def test_a_workdir_without_a_checkpoint_exits_2(tmp_path, capsys):
+  code, _, stderr = _cli(capsys, f'--workdir={tmp_path}')
+  assert code == 2 and 'no checkpoint' in stderr

@@ -287,6 +287,10 @@ class Checkpoints:
           self._mngr.delete(s)
 
   def _failed(self, step: int, e: Exception):
+    try:        # a save that raised may still have writers running: let them end first,
+      self._mngr.wait_until_finished()    # or they write into the directory removed below
+    except Exception:  # pylint: disable=broad-except  # the error being reported, again
+      pass
     if self._lead:                                     # no partial directory left behind
       for partial in self.dir.glob(f'{step}.orbax-checkpoint-tmp*'):
         shutil.rmtree(partial, ignore_errors=True)
