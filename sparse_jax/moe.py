@@ -204,9 +204,10 @@ def _routed(x, logits, weights, bias, *, st: _Settings, apply: Callable,
 def generate_path(tokens: int, k: int, num_experts: int, ep: int = 1) -> str:
   """Which dropless path MoE.generate takes for `tokens` tokens of top-`k` routing:
   'chosen' (dispatch.chosen_experts) or 'dropless' (the layer's dropless path). Gathering
-  the T*K chosen experts' weights writes a copy that the matmul reads again, about twice the bytes
-  of reading them in place, so the grouped path over all E is cheaper once 2*T*K >= E
-  (bench_decode.py's layer table); an expert axis keeps the experts where they are."""
+  the T*K chosen experts' weights writes a copy that the matmul reads again, about twice
+  the bytes of reading them in place, so the grouped path over all E is cheaper once
+  2*T*K >= E (bench_decode.py's decode-path table); an expert axis keeps the experts where
+  they are."""
   return 'chosen' if ep == 1 and 2 * tokens * k < num_experts else 'dropless'
 
 

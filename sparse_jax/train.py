@@ -15,9 +15,9 @@ import pathlib
 import sys
 
 from absl import flags
+from ml_collections import config_flags
 
 from sparse_jax import cli
-from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).')
@@ -49,8 +49,8 @@ def main(argv=None):
     flag = next((a.split('=')[0] for a in argv if a.startswith('--config.')
                  and f'.{key}.' in a.split('=')[0] + '.'), key)
     hint = f' ({hint.strip()})' if hint.strip() else ''
-    cli.die(f'unknown config key {key!r} in {flag}{hint}; the keys and their defaults are in '
-         'sparse_jax/config.py (base_config)')
+    cli.die(f'unknown config key {key!r} in {flag}{hint}; the keys and their defaults are '
+            'in sparse_jax/config.py (base_config)')
   except OSError as e:                                   # the config file itself
     cli.die('cannot load the --config file: ' + str(e).splitlines()[-1].strip())
   if config is None:
@@ -74,7 +74,7 @@ def main(argv=None):
     code = loop.train(config, pathlib.Path(FLAGS.workdir))
   except (ConfigError, loop.DataError, loop.WorkdirError,
           checkpoint.NoCheckpointError) as e:
-    cli.die(e)                     # ConfigError here: FSDP cannot split, or resume refused
+    cli.die(e)                  # ConfigError here: FSDP cannot split, or resume refused
   sys.exit(code)
 
 
