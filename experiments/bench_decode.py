@@ -139,13 +139,15 @@ class Loop:
     self.params = params
     self.prefill = jax.jit(functools.partial(_step, model_of, None), donate_argnums=(2,))
     self.decode = jax.jit(functools.partial(_step, model_of, path), donate_argnums=(2,))
-    self.init = jax.jit(lambda b, t: model_of(params).init_cache(b, t), static_argnums=(0, 1))
+    # params an argument, not a closure: a closure would bake them into the program
+    self.init = jax.jit(lambda params, b, t: model_of(params).init_cache(b, t),
+                        static_argnums=(1, 2))
 
   def __call__(self, prompt, n):
     import jax.numpy as jnp
     import numpy as np
     b, p = prompt.shape
-    cache = self.init(b, -(-(p + n) // 64) * 64)
+    cache = self.init(self.params, b, slots(p, n))
     t0 = time.perf_counter()
     token, cache = self.prefill(self.params, prompt, cache, jnp.int32(0))
     token.block_until_ready()
@@ -157,8 +159,13 @@ class Loop:
     return t1 - t0, time.perf_counter() - t1
 
 
-def kv_bytes(spec, batch: int, slots: int) -> int:
-  return 2 * spec.num_layers * batch * slots * spec.kv_heads * spec.head_dim * 4
+def slots(prompt: int, new: int) -> int:
+  """Cache slots for a prompt and new tokens: rounded up to 64, as generation does."""
+  return -(-(prompt + new) // 64) * 64
+
+
+def kv_bytes(spec, batch: int, length: int) -> int:
+  return 2 * spec.num_layers * batch * length * spec.kv_heads * spec.head_dim * 4
 
 
 def expected_experts(spec, batch: int) -> float:
@@ -195,7 +202,7 @@ def decode_paths(size: dict, models: dict, base: dict) -> list[dict]:
 
 
 def build(base: dict) -> dict:
-  """The seven models of MODELS (int8: its Loop) from the four specs."""
+  """The seven models of MODELS from the four specs (int8: an Int8)."""
   from flax import nnx
   from sparse_jax.models import TransformerLM
   models = {n: TransformerLM(s, rngs=nnx.Rngs(0)) for n, s in base.items()}
@@ -242,7 +249,7 @@ def measure(size: dict, models: dict, base: dict) -> list[dict]:
           decode_tokens_per_s=b * (n - 1) / best[m][1],
           param_bytes=models[m].resident_bytes() if int8 else sum(x.nbytes for x in params),
           zero_params=sum(int((x == 0).sum()) for x in params),
-          kv_cache_bytes=kv_bytes(s, b, -(-(p + n) // 64) * 64),
+          kv_cache_bytes=kv_bytes(s, b, slots(p, n)),
           expected_experts_per_layer=expected_experts(s, b)))
   return rows
 
