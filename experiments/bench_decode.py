@@ -139,7 +139,7 @@ class Loop:
     self.params = params
     self.prefill = jax.jit(functools.partial(_step, model_of, None), donate_argnums=(2,))
     self.decode = jax.jit(functools.partial(_step, model_of, path), donate_argnums=(2,))
-    # params an argument, not a closure: a closure would bake them into the program
+    # the parameters as an argument, as the steps take them
     self.init = jax.jit(lambda params, b, t: model_of(params).init_cache(b, t),
                         static_argnums=(1, 2))
 
