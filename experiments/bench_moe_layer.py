@@ -143,8 +143,10 @@ def collective_bytes(transport, tokens, k, e, p, d, capacity, itemsize=4):
   """Bytes one device hands to collectives in one layer's forward (the whole buffers,
   its own share included, as for the capacity path's 2 * E*C*D)."""
   r = tokens * min(k, e // p)                       # expert_parallel.worst_case_rows
+  rs = sj.expert_parallel.sized_rows(tokens, k, e, p, 1.25)   # 'sized' without overflow
   return {'capacity': 2 * e * capacity * d * itemsize,
           'all_to_all': 2 * p * r * d * itemsize + p * r * 4,          # rows there and back, ids
+          'sized': 2 * p * rs * d * itemsize + p * rs * 4 + 4,        # + the overflow flag
           'all_gather': 2 * p * tokens * d * itemsize + p * tokens * k * 8,   # + ids, weights
           }[transport]
 
@@ -158,19 +160,32 @@ def bench_transports(t, d, f, e, repeats):
   fns, info = {}, {}
   for k in (1, 2):
     cases = {'capacity': dict(capacity_factor=1.25)}
-    cases |= {tr: dict(dispatch='dropless', ep_transport=tr)
-              for tr in ('all_to_all', 'all_gather')}
+    cases |= {tr: dict(dispatch='dropless', ep_transport=tr, capacity_factor=1.25)
+              for tr in ('all_to_all', 'sized', 'all_gather')}
     for name, kw in cases.items():
-      g, p = fwd_bwd(sj.moe.MoE(d, f, e, k=k, mesh=mesh, **kw), x)
+      layer = sj.moe.MoE(d, f, e, k=k, mesh=mesh, **kw)
+      g, p = fwd_bwd(layer, x)
       fns[(name, k)] = lambda g=g, p=p: g(p, x)
       temp = g.lower(p, x).compile().memory_analysis().temp_size_in_bytes
       c = sj.routing.capacity(t // n, e, k, 1.25)
       info[(name, k)] = dict(temp_mib=temp / 2**20, bytes=collective_bytes(
-          name, t // n, k, e, n, d, c))
+          name, t // n, k, e, n, d, c), overflowed=_overflowed(layer, x, k, e, n)
+          if name == 'sized' else None)
   secs = time_side_by_side(fns, repeats)
   return [dict(transport=name, k=k, ratio_vs_capacity=s / secs[('capacity', k)],
                collective_bytes_per_device=info[(name, k)]['bytes'],
-               temp_mib=info[(name, k)]['temp_mib']) for (name, k), s in secs.items()]
+               temp_mib=info[(name, k)]['temp_mib'], overflowed=info[(name, k)]['overflowed'])
+          for (name, k), s in secs.items()]
+
+
+def _overflowed(layer, x, k, e, n) -> bool:
+  """Whether this input sends the 'sized' transport down its worst-case branch: some
+  device (row of x) has more kept choices for one destination than the buffer holds."""
+  plan, _ = layer.route(x)
+  dest = np.asarray(plan.expert) // (e // n)                     # [n, S, K]
+  kept = np.asarray(plan.kept)
+  rows = sj.expert_parallel.sized_rows(x.shape[1], k, e, n, 1.25)
+  return bool(max(np.bincount(dest[i][kept[i]], minlength=n).max() for i in range(n)) > rows)
 
 
 def main(argv=None):
@@ -179,6 +194,8 @@ def main(argv=None):
   ap.add_argument('--quick', action='store_true', help='T=2048, D=256, F=1024')
   ap.add_argument('--repeats', type=int, default=None)
   ap.add_argument('--json', metavar='PATH', help='also write the results as JSON')
+  ap.add_argument('--only_transports', action='store_true',
+                  help='only part 4, the dropless transports against capacity dispatch')
   a = ap.parse_args(argv)
   t, d, f, e = (2048, 256, 1024, 8) if a.quick else (8192, 512, 2048, 8)
   repeats = a.repeats or (5 if a.quick else 7)
@@ -187,6 +204,22 @@ def main(argv=None):
   print(common.header('MoE layer benchmark', meta) +
         f'T={t} D={d} F={f} E={e} top-1; median of {repeats} interleaved runs.')
   res = dict(config=dict(tokens=t, d_model=d, d_ff=f, experts=e, repeats=repeats))
+  if not a.only_transports:
+    _layer_parts(res, t, d, f, e, repeats, mem_tokens)
+  res['transports'] = bench_transports(t, d, f, e, repeats)
+  print('\n| dispatch over expert axis 8 | k | fwd+bwd time / capacity all-to-all | bytes to '
+        'collectives per device per layer (fwd) | compiled temp MiB | overflowed |'
+        '\n|---|---|---|---|---|---|')
+  for r in res['transports']:
+    print(f"| {r['transport']} | {r['k']} | {r['ratio_vs_capacity']:.3f} | "
+          f"{r['collective_bytes_per_device']:,} | {r['temp_mib']:.1f} | "
+          f"{r['overflowed']} |")
+  if a.json:
+    common.write_json(a.json, meta, **res)
+
+
+def _layer_parts(res, t, d, f, e, repeats, mem_tokens):
+  """Parts 1-3 of the module docstring, printed and added to res."""
   res['backends'] = bench_backends(t, d, f, e, repeats)
   print('\n| backend | grouped matmul | k | cf | fwd+bwd time / dense FFN of the same active '
         'FLOPs |\n|---|---|---|---|---|')
@@ -205,14 +238,6 @@ def main(argv=None):
   for r in res['expert_parallel']:
     print(f"| {r['layout']} | {r['ratio_vs_expert_axis_1']:.3f} | "
           f"{r['bytes_per_all_to_all_per_device']:,} |")
-  res['transports'] = bench_transports(t, d, f, e, repeats)
-  print('\n| dispatch over expert axis 8 | k | fwd+bwd time / capacity all-to-all | bytes to '
-        'collectives per device per layer (fwd) | compiled temp MiB |\n|---|---|---|---|---|')
-  for r in res['transports']:
-    print(f"| {r['transport']} | {r['k']} | {r['ratio_vs_capacity']:.3f} | "
-          f"{r['collective_bytes_per_device']:,} | {r['temp_mib']:.1f} |")
-  if a.json:
-    common.write_json(a.json, meta, **res)
 
 
 if __name__ == '__main__':

@@ -21,6 +21,7 @@ state included (compaction.compact_experts). A bad flag exits 2 with one line.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -30,12 +31,14 @@ import sys
 from typing import NamedTuple
 
 import jax                     # imported, not started: --cpu_devices is applied in main()
+import jax.numpy as jnp
 import numpy as np
 from absl import flags
 from flax import nnx
 
 from sparse_jax import cli, data, pruning, roles
 from sparse_jax.config import ConfigError, parse_n_m, resolve, validate
+from sparse_jax.models import layout
 from sparse_jax.pruning import compaction, experts, post_training
 from sparse_jax.training import checkpoint, loop
 from sparse_jax.training.steps import build
@@ -172,6 +175,11 @@ def transplant(template, source, masks: dict, step) -> nnx.State:
   return nnx.from_flat_state(out)
 
 
+def _stack(leaves):
+  """Variables (or arrays) of the G layers of one stacked leaf -> one value [G, ...]."""
+  return jnp.stack([v[...] if isinstance(v, nnx.Variable) else v for v in leaves])
+
+
 def _masks(opt) -> dict:
   """{parameter path: bool mask} of the optimizer's pruner; {} without one."""
   try:
@@ -226,6 +234,9 @@ def compress(f: Options) -> dict:
       loop.check_vocab(spec)
     except loop.DataError as e:       # a ConfigError passes through newest(): not damage
       raise FlagError(e) from None
+    # Pruned and compacted block by block: a scanned run is read unrolled (the checkpoint
+    # converts) and written back in its own layout.
+    spec = dataclasses.replace(spec, model=dataclasses.replace(spec.model, scan_layers=False))
     mesh = loop.make_mesh(spec)
     steps = build(spec, mesh)
     it = loop.data_iterator(spec, 'train', train=True)
@@ -279,6 +290,10 @@ def compress(f: Options) -> dict:
   new_steps = build(new_spec, new_mesh)
   count = nnx.to_flat_state(nnx.state(opt))
   count = next(v[...] for p, v in count if p == ('step',))
+  if new_spec.model.scan_layers:
+    pat = layout.of_spec(new_spec.model)
+    source = nnx.from_flat_state(layout.to_scanned(dict(nnx.to_flat_state(source)), pat, _stack))
+    masks = layout.to_scanned(masks, pat)
   state = jax.device_put(transplant(new_steps.state, source, masks, count),
                          new_steps.shardings)
   # Written beside DST and renamed when complete: DST never holds a partial output.

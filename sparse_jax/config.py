@@ -32,7 +32,7 @@ DTYPES = ('float32', 'bfloat16')
 ARCHITECTURES = ('LlamaForCausalLM', 'MistralForCausalLM', 'MixtralForCausalLM',
                  'Qwen2MoeForCausalLM', 'Qwen3MoeForCausalLM', 'OlmoeForCausalLM',
                  'DeepseekV3ForCausalLM')
-REMAT = ('none', 'block')
+REMAT = ('none', 'block', 'dots')
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -72,6 +72,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.qk_rope_head_dim = 0
   c.model.v_head_dim = 0
   c.model.rope_interleave = False   # RoPE pairs channels (2i, 2i+1) (DeepSeek)
+  c.model.scan_layers = False       # stack the repeating blocks and scan them (compiles once)
 
   c.moe = ml_collections.ConfigDict()
   c.moe.num_experts = 0        # 0: every FFN dense
@@ -99,7 +100,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.moe.expert_compute = 'auto'  # auto (loop on CPU, batched elsewhere) | loop | batched
   c.moe.grouped_matmul = 'auto'  # dropless: auto (blocked on CPU, ragged_dot elsewhere)
   c.moe.block_size = 64          #   | blocked | ragged_dot; rows per blocked window
-  c.moe.ep_transport = 'all_to_all'  # dropless over mesh.expert > 1: all_to_all |
+  c.moe.ep_transport = 'all_to_all'  # dropless over mesh.expert > 1: all_to_all | sized |
                                      #   all_gather | ragged (not on CPU) | ragged_reference
   c.moe.load_balance_coef = 0.01
   c.moe.z_loss_coef = 1e-3
@@ -142,7 +143,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.batch_size = 32      # global, in sequences
   c.train.seq_len = 256
   c.train.microbatches = 1     # gradient accumulation: micro-batches per optimizer step
-  c.train.remat = 'none'       # none | block: recompute each block in the backward pass
+  c.train.remat = 'none'       # none | block (recompute each block) | dots (keep its matmuls)
   c.train.lr = 1e-3
   c.train.warmup_steps = 100
   c.train.lr_decay_steps = 0   # cosine horizon; 0 -> train.steps
@@ -232,7 +233,7 @@ def model_spec(config: ml_collections.ConfigDict) -> ModelSpec:
       norm_eps=float(m.norm_eps), architecture=m.architecture, q_lora_rank=m.q_lora_rank,
       kv_lora_rank=m.kv_lora_rank, qk_nope_head_dim=m.qk_nope_head_dim,
       qk_rope_head_dim=m.qk_rope_head_dim, v_head_dim=m.v_head_dim,
-      rope_interleave=m.rope_interleave)
+      rope_interleave=m.rope_interleave, scan_layers=m.scan_layers)
 
 
 def resolve(config: ml_collections.ConfigDict, num_devices: int,
@@ -417,6 +418,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int,
     need(t[key] >= 0, f'train.{key}={t[key]} must be >= 0')
   need(t.lr > 0, f'train.lr={t.lr} must be > 0')
   choice('train.remat', t.remat, REMAT)
+  need(isinstance(m.scan_layers, bool),
+       f'model.scan_layers={m.scan_layers!r} must be True or False')
   need(t.microbatches >= 1, f'train.microbatches={t.microbatches} must be >= 1')
   need(isinstance(mesh.fsdp, bool), f'mesh.fsdp={mesh.fsdp!r} must be True or False')
   need(0 <= t.min_lr_ratio <= 1, f'train.min_lr_ratio={t.min_lr_ratio} must be in [0, 1]')
@@ -452,6 +455,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int,
          "per query head, no latent attention, no model.qkv_bias and model.qk_norm other "
          "than 'proj' (got "
          f'num_kv_heads={m.num_kv_heads}, qkv_bias={m.qkv_bias}, qk_norm={m.qk_norm!r})')
+    need(not (pr.structure and m.scan_layers),
+         f'pruning.structure={pr.structure!r} finds its groups in unrolled blocks: set '
+         'model.scan_layers=False for this run (a checkpoint resumes in either layout)')
     choice('pruning.targets', pr.targets, roles.TARGETS)
     need(pr.update_every >= 1, f'pruning.update_every={pr.update_every} must be >= 1')
     need(pr.start_step >= 0, f'pruning.start_step={pr.start_step} must be >= 0')

@@ -15,6 +15,12 @@ equal to the single-device layer) and three transports (TRANSPORTS):
                 worst case, so nothing can overflow) and the rows' local expert ids;
                 the receiver runs its experts on the rows it got and sends them back.
                 Forward: 3 all_to_all (rows, ids, results).
+  'sized'       'all_to_all' with buffers of the expected load times the layer's
+                capacity factor, ceil(cf * S*K/P) rows (sized_rows), what capacity
+                dispatch sends. When a device's rows for some destination exceed it,
+                an overflow flag summed over 'expert' makes every device of the axis
+                take the worst-case exchange of R rows instead (lax.cond), so nothing
+                is ever dropped. Forward: one psum of the flag, then 3 all_to_all.
   'all_gather'  the ring-of-experts form: all-gather the tokens and their routing over
                 'expert', run the local experts on the choices that name them, and
                 psum_scatter the partial outputs home. Forward: all-gathers of tokens,
@@ -30,6 +36,7 @@ equal to the single-device layer) and three transports (TRANSPORTS):
 from __future__ import annotations
 
 import functools
+import math
 from typing import Callable
 
 import jax
@@ -38,7 +45,7 @@ import jax.numpy as jnp
 from sparse_jax import dispatch as dispatch_lib
 from sparse_jax.routing import RoutingPlan, queue_positions
 
-TRANSPORTS = ('all_to_all', 'all_gather', 'ragged', 'ragged_reference')
+TRANSPORTS = ('all_to_all', 'sized', 'all_gather', 'ragged', 'ragged_reference')
 AXIS = 'expert'
 
 
@@ -88,12 +95,19 @@ def _local_rows(rows, ids, local_experts, grouped_fn):
   return dispatch_lib.sorted_apply(rows, ids[:, None], ones, local_experts, grouped_fn)
 
 
+def sized_rows(tokens: int, k: int, num_experts: int, ep: int, factor: float) -> int:
+  """Rows per destination of 'sized': ceil(factor * S*K/P), at most R."""
+  return min(worst_case_rows(tokens, k, num_experts, ep), math.ceil(factor * tokens * k / ep))
+
+
 def dropless_all_to_all(x: jax.Array, plan: RoutingPlan, num_experts: int, ep: int,
-                        grouped_fn: GroupedFn) -> jax.Array:
+                        grouped_fn: GroupedFn, rows: int | None = None) -> jax.Array:
   """x [S, D], plan [S, K] (global expert ids) -> y [S, D]; grouped_fn runs the E/P
-  local experts."""
+  local experts. rows: the buffer per destination (default R; fewer rows than a device
+  sends one destination would drop choices, which dropless_sized never lets happen)."""
   s, k = plan.expert.shape
-  el, r = num_experts // ep, worst_case_rows(s, k, num_experts, ep)
+  el = num_experts // ep
+  r = rows or worst_case_rows(s, k, num_experts, ep)
   # The destination device plays the expert in a capacity dispatch of capacity R.
   dest = plan.expert // el
   to_device = RoutingPlan(expert=dest, weight=plan.weight, kept=plan.kept,
@@ -105,6 +119,28 @@ def dropless_all_to_all(x: jax.Array, plan: RoutingPlan, num_experts: int, ep: i
   out = _local_rows(got.reshape(ep * r, -1), got_ids.reshape(-1), el, grouped_fn)
   back = jax.lax.all_to_all(out.reshape(ep, r, -1), AXIS, 0, 0)
   return dispatch_lib.index_combine(back, to_device, m)
+
+
+def dropless_sized(x: jax.Array, plan: RoutingPlan, num_experts: int, ep: int,
+                   grouped_fn: GroupedFn, factor: float = 1.25) -> jax.Array:
+  """Buffers of the expected load, the worst case when any device would overflow;
+  same contract as dropless_all_to_all."""
+  s, k = plan.expert.shape
+  rows = sized_rows(s, k, num_experts, ep, factor)
+  worst = worst_case_rows(s, k, num_experts, ep)
+  if rows >= worst:
+    return dropless_all_to_all(x, plan, num_experts, ep, grouped_fn)
+  send = lambda r: lambda x, plan: dropless_all_to_all(x, plan, num_experts, ep,
+                                                       grouped_fn, rows=r)
+  return jax.lax.cond(overflows(plan, num_experts, ep, rows), send(worst), send(rows), x, plan)
+
+
+def overflows(plan: RoutingPlan, num_experts: int, ep: int, rows: int) -> jax.Array:
+  """bool[]: some device of the 'expert' axis has more than `rows` kept choices for one
+  destination. Summed over the axis, so the devices that exchange rows agree on it."""
+  dest = (plan.expert // (num_experts // ep)).reshape(-1)
+  load = jnp.zeros((ep,), jnp.int32).at[dest].add(plan.kept.reshape(-1).astype(jnp.int32))
+  return jax.lax.psum((load.max() > rows).astype(jnp.int32), AXIS) > 0
 
 
 def dropless_all_gather(x: jax.Array, plan: RoutingPlan, num_experts: int, ep: int,
@@ -176,7 +212,8 @@ def ragged_all_to_all_reference(operand, output, input_offsets, send_sizes,
   return result[:m]
 
 
-DROPLESS = {'all_to_all': dropless_all_to_all, 'all_gather': dropless_all_gather,
+DROPLESS = {'all_to_all': dropless_all_to_all, 'sized': dropless_sized,
+            'all_gather': dropless_all_gather,
             'ragged': dropless_ragged,
             'ragged_reference': functools.partial(
                 dropless_ragged, ragged_all_to_all=ragged_all_to_all_reference)}

@@ -188,7 +188,10 @@ def _routed(x, logits, weights, bias, *, st: _Settings, apply: Callable,
     if st.ep == 1:
       y = dispatch_lib.dropless(xg.reshape(g * s, d), flat, e, run)
     else:
-      y = expert_parallel.DROPLESS[st.ep_transport](xg.reshape(g * s, d), flat, e, st.ep, run)
+      move = expert_parallel.DROPLESS[st.ep_transport]
+      if st.ep_transport == 'sized':        # buffers of the expected load times this factor
+        move = functools.partial(move, factor=st.capacity_factor)
+      y = move(xg.reshape(g * s, d), flat, e, st.ep, run)
   else:
     backend = dispatch_lib.CAPACITY_BACKENDS[st.dispatch]
     send, ctx = backend.dispatch(xg, plan, e, c)                       # [E, G*C, D]
@@ -236,8 +239,9 @@ class MoE(nnx.Module):
     grouped_matmul, block_size: the dropless grouped matmul, 'blocked' | 'ragged_dot' |
       None (grouped_matmul.default_grouped_matmul()), and the blocked one's window rows.
     ep_transport: how dropless dispatch moves rows over an expert axis > 1:
-      'all_to_all' (default) | 'all_gather' | 'ragged' | 'ragged_reference' (see
-      expert_parallel.py). Capacity dispatch always uses one all_to_all each way.
+      'all_to_all' (default) | 'sized' (buffers of capacity_factor times the expected
+      load, the worst case only when a device would overflow) | 'all_gather' | 'ragged'
+      | 'ragged_reference' (see expert_parallel.py). Capacity dispatch always uses one all_to_all each way.
     router, experts: modules to use instead of the defaults (docs/extending.md).
 
   aux (all float32, statistics over the global batch): router_z_loss,

@@ -31,9 +31,12 @@ TARGETS = tuple(TARGET_KINDS)
 @dataclasses.dataclass(frozen=True)
 class Role:
   """kind: one of KINDS. in_axis: for a kernel, the axis the layer's input multiplies
-  (0 for [in, out], 1 for stacked experts [E, in, out]); None for anything else."""
+  (0 for [in, out], 1 for stacked experts [E, in, out]); None for anything else.
+  stacked: the leading axis holds the layers of a scanned stack [G, ...] (in_axis counts
+  it), each pruned and counted as its own layer."""
   kind: str
   in_axis: int | None = None
+  stacked: bool = False
 
   @property
   def kernel(self) -> bool:
@@ -48,12 +51,22 @@ def param_roles(model: nnx.Module) -> dict[tuple, Role]:
   """{path of the parameter (plain keys, as in pruning.masks): Role} for every nnx.Param
   of the model; a parameter no module names gets Role('other')."""
   named = {}
+  stacks = getattr(model, 'stacked_paths', tuple)()
   for path, node in nnx.iter_graph(model):
     if isinstance(node, nnx.Module) and hasattr(node, 'param_roles'):
+      path = _plain(path)
+      under = any(path[:len(s)] == s for s in stacks)
       for name, role in node.param_roles().items():
-        named[_plain(path) + (name,)] = role
-  return {p: named.get(p, Role('other'))
+        named[path + (name,)] = role if not under else dataclasses.replace(
+            role, stacked=True, in_axis=None if role.in_axis is None else role.in_axis + 1)
+  return {p: named.get(p, Role('other', stacked=any(p[:len(s)] == s for s in stacks)))
           for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def stacked(roles: dict[tuple, Role]) -> Callable[[tuple, object], bool]:
+  """(path, leaf) -> bool: the leaf's leading axis is a scanned stack's layers."""
+  keep = {p for p, r in roles.items() if r.stacked}
+  return lambda path, leaf: tuple(path) in keep
 
 
 def prunable(roles: dict[tuple, Role], targets: str = 'all') -> Callable[[tuple, object], bool]:

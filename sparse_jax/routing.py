@@ -299,7 +299,8 @@ def update_balance_bias(bias: jax.Array, load: jax.Array, rate: float) -> jax.Ar
   """Loss-free balancing step: bias += rate * sign(mean_load - load).
 
   Under-loaded experts get a larger selection bias, over-loaded a smaller one.
-  bias f32[E], load [E] (counts or fractions, any scale).
+  bias f32[..., E], load [..., E] (counts or fractions, any scale; leading axes are
+  independent layers, e.g. a scanned stack's [G, E]).
   """
   load = load.astype(jnp.float32)
-  return bias + rate * jnp.sign(jnp.mean(load) - load)
+  return bias + rate * jnp.sign(jnp.mean(load, axis=-1, keepdims=True) - load)

@@ -92,6 +92,9 @@ class ModelSpec:
   qk_rope_head_dim: int = 0
   v_head_dim: int = 0
   rope_interleave: bool = False    # RoPE pairs channels (2i, 2i+1) (DeepSeek) not (i, i+Dh/2)
+  # The repeating pattern of blocks stacked [G, ...] and run under one scan (models.layout);
+  # the same function either way, so a checkpoint converts between the layouts.
+  scan_layers: bool = False
 
   @property
   def kv_heads(self) -> int:

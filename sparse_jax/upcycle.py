@@ -17,18 +17,20 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from sparse_jax.config import ModelSpec
-from sparse_jax.models import TransformerLM
+from sparse_jax.models import TransformerLM, relayout
 from sparse_jax.moe import MoE
 
 
 def upcycle(dense: TransformerLM, spec: ModelSpec, *, mesh: Mesh | None = None,
             noise: float = 0.0, router_init_scale: float = 0.01,
             seed: int = 0) -> TransformerLM:
-  """Build the MoE model of `spec` from `dense` (a TransformerLM with dense FFNs).
+  """Build the MoE model of `spec` from `dense` (a TransformerLM with dense FFNs), each in
+  either layer layout.
 
   noise: each expert copy gets w + noise * std(w) * N(0, 1), independently per expert.
   router_init_scale: the fresh routers' init scale (small: near-uniform routing).
   """
+  dense = relayout(dense, False)
   blocks = list(dense.blocks)
   if any(isinstance(b.ffn, MoE) for b in blocks):
     raise ValueError('upcycle() needs a dense model: its blocks already hold MoE layers.')
@@ -41,7 +43,8 @@ def upcycle(dense: TransformerLM, spec: ModelSpec, *, mesh: Mesh | None = None,
                      f'layer counts must match ({spec.num_layers} vs {len(blocks)}).')
   spec = dataclasses.replace(
       spec, moe=dataclasses.replace(spec.moe, router_init_scale=router_init_scale))
-  model = TransformerLM(spec, mesh=mesh, rngs=nnx.Rngs(seed))
+  model = TransformerLM(dataclasses.replace(spec, scan_layers=False), mesh=mesh,
+                        rngs=nnx.Rngs(seed))
   src = dict(nnx.to_flat_state(nnx.state(dense, nnx.Param)))
   key = jax.random.key(seed + 1)
   for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
@@ -62,4 +65,4 @@ def upcycle(dense: TransformerLM, spec: ModelSpec, *, mesh: Mesh | None = None,
       raise ValueError(f'upcycle(): {"/".join(map(str, path))} has shape {value.shape} in '
                        f'the dense model but {var[...].shape} in the MoE spec.')
     var[...] = jax.device_put(value.astype(var[...].dtype), var[...].sharding)
-  return model
+  return relayout(model, spec.scan_layers)

@@ -11,9 +11,9 @@ from sparse_jax.config import ConfigError
 
 # Keys of the model sections that choose how the same function is computed or trained,
 # not which function it is, so a checkpoint may resume with other values.
-RESUMABLE_KEYS = ('model.dtype', 'moe.expert_compute', 'moe.grouped_matmul', 'moe.block_size',
-                  'moe.ep_transport', 'moe.load_balance_coef', 'moe.z_loss_coef',
-                  'moe.bias_rate')
+RESUMABLE_KEYS = ('model.dtype', 'model.scan_layers', 'moe.expert_compute',
+                  'moe.grouped_matmul', 'moe.block_size', 'moe.ep_transport',
+                  'moe.load_balance_coef', 'moe.z_loss_coef', 'moe.bias_rate')
 
 
 _CONFIG_PY = '''"""The config of the model in this directory (written by {writer})."""

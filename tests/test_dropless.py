@@ -185,8 +185,9 @@ def test_grouped_matmul_choices_are_one_layer():
 
 # ------------------------------------------------------- expert parallelism (dropless)
 
-def _sharded_vs_single(shape, transport, k, variant):
+def _sharded_vs_single(shape, transport, k, variant, capacity_factor=1.25):
   kw = dict(k=k, dispatch='dropless', rngs=nnx.Rngs(3), ep_transport=transport,
+            capacity_factor=capacity_factor,
             **{'plain': {}, 'swiglu': dict(activation='swiglu'),
                'shared': dict(shared_d_ff=12)}[variant])
   mesh = _mesh(shape)
@@ -212,6 +213,35 @@ FULL = [pytest.param(t, s, k, v, marks=pytest.mark.slow)
 @pytest.mark.parametrize('transport,shape,k,variant', CORE + FULL)
 def test_dropless_expert_parallel_matches_single_device(transport, shape, k, variant):
   _sharded_vs_single(shape, transport, k, variant)
+
+
+@pytest.mark.parametrize('capacity_factor', [0.1, 1.25, 2.0])
+@pytest.mark.parametrize('shape', [(2, 4), pytest.param((1, 8), marks=pytest.mark.slow)])
+def test_sized_transport_matches_single_device_with_and_without_overflow(shape,
+                                                                         capacity_factor):
+  """'sized' sends buffers of ceil(cf * S*K/P) rows: at cf 0.1 (one row) every step
+  overflows into the worst-case exchange; at 2.0 (S rows, half of R) none does here."""
+  _sharded_vs_single(shape, 'sized', 2, 'swiglu', capacity_factor)
+
+
+def test_overflow_is_decided_over_the_whole_axis():
+  """Device 0 sends its 4 choices to device 0's experts (over a 3-row buffer), the others
+  spread theirs: every device of the axis sees the overflow; with 4 rows none does."""
+  mesh = jax.make_mesh((4,), ('expert',), axis_types=(AxisType.Auto,))
+  expert = np.tile(np.array([[0, 2], [4, 6]]), (4, 1, 1))                # [P, S=2, K=2]
+  expert[0] = [[0, 1], [0, 1]]                                           # all to device 0
+  kept = np.ones(expert.shape, bool)
+
+  def flags(rows):
+    plan = lambda e, k: R.RoutingPlan(expert=e, weight=jnp.ones(e.shape), slot=e, kept=k)
+    f = jax.shard_map(lambda e, k: EP.overflows(plan(e[0], k[0]), 8, 4, rows)[None],
+                      mesh=mesh, in_specs=(P('expert'), P('expert')), out_specs=P('expert'))
+    return np.asarray(f(jnp.asarray(expert), jnp.asarray(kept)))
+
+  np.testing.assert_array_equal(flags(3), [True] * 4)
+  np.testing.assert_array_equal(flags(4), [False] * 4)
+  assert EP.sized_rows(tokens=2, k=2, num_experts=8, ep=4, factor=1.25) == 2
+  assert EP.sized_rows(tokens=2, k=2, num_experts=8, ep=4, factor=9.0) == 4   # R caps it
 
 
 @pytest.mark.skipif(CPU, reason='XLA:CPU has no ragged_all_to_all; ragged_reference '
@@ -249,14 +279,18 @@ def _count(op, text):
 @pytest.mark.parametrize('shape', [pytest.param((1, 8), marks=pytest.mark.slow), (2, 4)])
 def test_dropless_transports_hold_the_documented_collectives(shape):
   """all_to_all: rows, their expert ids and the results, 3 all-to-alls; all_gather:
-  the tokens, expert ids and weights gathered, one reduce-scatter home. Neither gathers
-  expert weights."""
+  the tokens, expert ids and weights gathered, one reduce-scatter home; sized: as
+  all_to_all in each branch of one conditional. None gathers expert weights."""
   text = _forward_hlo(shape, 'all_to_all')
   assert _count('all-to-all', text) == 3
   assert _count('all-gather', text) == 0 and _count('reduce-scatter', text) == 0
   text = _forward_hlo(shape, 'all_gather')
   assert _count('all-to-all', text) == 0
   assert _count('all-gather', text) == 3 and _count('reduce-scatter', text) == 1
+  # sized: the overflow flag's all-reduce, then one of two 3-all-to-all branches.
+  text = _forward_hlo(shape, 'sized')
+  assert _count('all-reduce', text) == 1 and _count('conditional', text) == 1
+  assert _count('all-to-all', text) == 6 and _count('all-gather', text) == 0
 
 
 @pytest.mark.parametrize('kwargs,words', [

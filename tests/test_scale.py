@@ -148,7 +148,7 @@ def test_bfloat16_compute_stays_close_to_float32(reference):
 
 @pytest.mark.parametrize('over,words', [
     ({'train.microbatches': 4}, ['train.microbatches=4', '2 sequences per device']),
-    ({'train.remat': 'full'}, ['train.remat', "('none', 'block')"]),
+    ({'train.remat': 'full'}, ['train.remat', "('none', 'block', 'dots')"]),
     ({'model.dtype': 'float16'}, ['model.dtype', "('float32', 'bfloat16')"]),
 ])
 def test_bad_scale_out_keys_are_one_line_errors(over, words):

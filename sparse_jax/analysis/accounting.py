@@ -20,6 +20,7 @@ from flax import nnx
 from sparse_jax import roles
 from sparse_jax.layers import Attention
 from sparse_jax.mla import LatentAttention
+from sparse_jax.models import relayout
 from sparse_jax.moe import MoE
 from sparse_jax.pruning.paths import plain_path
 from sparse_jax.specs import ModelSpec
@@ -201,6 +202,7 @@ def flops_from_model(model, seq_len: int) -> dict[str, float]:
   weight matrix counted by its non-zero entries (what a sparse kernel could skip to;
   experts at K/E of their non-zeros), attention scores unchanged.
   """
+  model = relayout(model, False)        # counted per block
   parts = dict.fromkeys(('attention_proj', 'attention_scores', 'ffn', 'experts', 'shared',
                          'router', 'output', 'other'), 0.0)
   nonzero = 0.0

@@ -19,7 +19,7 @@ from flax import nnx
 
 from sparse_jax import dispatch as dispatch_lib
 from sparse_jax.layers import ffn_hidden
-from sparse_jax.models.transformer import Block, FFNInput
+from sparse_jax.models.transformer import Block, FFNInput, relayout
 from sparse_jax.moe import MoE
 
 DEFAULT_THRESHOLD = 1e-2
@@ -77,6 +77,7 @@ def window_union(active: jax.Array, window: int) -> jax.Array:
 def ffn_inputs(model, tokens: jax.Array) -> dict[int, jax.Array]:
   """{block index: the normed input of its FFN [B, L, D]} of a TransformerLM, as sown
   by its blocks during one forward pass."""
+  model = relayout(model, False)
   blocks = [b for _, b in nnx.iter_graph(model) if isinstance(b, Block)]
   for b in blocks:
     b.sow_ffn_input = True
@@ -174,6 +175,7 @@ def activation_sparsity(model, tokens: jax.Array, *, threshold: float = DEFAULT_
   'experts' (a list of the same statistics per expert) and 'shared' (the shared
   expert's, when present); the block-level numbers pool all experts' rows.
   """
+  model = relayout(model, False)
   arrays = jax.device_get(_probe_arrays(model, tokens, float(threshold), tuple(windows)))
   out = {}
   for i, a in arrays.items():

@@ -9,6 +9,7 @@ from the files onto the mesh: every device's part is read from its slice of the 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -26,7 +27,7 @@ from sparse_jax.config import ConfigError, base_config, model_spec, validate
 from sparse_jax.hub import safetensors as st
 from sparse_jax.hub.families import FAMILIES
 from sparse_jax.hub.llama import Decoder, Unsupported
-from sparse_jax.models import TransformerLM
+from sparse_jax.models import TransformerLM, relayout
 from sparse_jax.specs import ModelSpec
 
 _FLOATS = tuple(np.dtype(st.DTYPES[k]) for k in ('F64', 'F32', 'F16', 'BF16'))
@@ -145,7 +146,9 @@ def _dequantized(entries: dict, hf: dict) -> tuple[dict, set]:
 
 
 def _variable_shapes(spec: ModelSpec) -> tuple[dict[str, tuple], set[str]]:
-  """({path: shape} of every variable of the model, the paths that are nnx.Params)."""
+  """({path: shape} of every variable of the model unrolled, the paths that are
+  nnx.Params): the folder's tensors are per layer."""
+  spec = dataclasses.replace(spec, scan_layers=False)
   model = nnx.eval_shape(lambda: TransformerLM(spec, rngs=nnx.Rngs(0)))
   flat = nnx.to_flat_state(nnx.state(model))
   return ({_key(p): tuple(v.shape) for p, v in flat},
@@ -195,7 +198,10 @@ def build(spec: ModelSpec, p: Plan, mesh: Mesh | None = None, *,
           fsdp: bool = False) -> TransformerLM:
   """The model of `spec` with every parameter read from the plan's files, each device
   reading its own part (with `mesh`: the shardings training uses, split over 'data' too
-  with fsdp)."""
+  with fsdp); a scanned spec is read unrolled, then stacked."""
+  if spec.scan_layers:
+    return relayout(build(dataclasses.replace(spec, scan_layers=False), p, mesh, fsdp=fsdp),
+                    True)
   abstract = nnx.eval_shape(lambda: TransformerLM(spec, mesh=mesh, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
   if mesh is None:

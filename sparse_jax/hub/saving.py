@@ -21,7 +21,7 @@ from jax.experimental import multihost_utils
 from sparse_jax.hub import safetensors as st
 from sparse_jax.hub.families import FAMILIES
 from sparse_jax.hub.loading import HubError, _key
-from sparse_jax.models import TransformerLM
+from sparse_jax.models import TransformerLM, relayout
 from sparse_jax.specs import ModelSpec
 
 # Files of a source folder that travel with the weights.
@@ -50,7 +50,7 @@ def save_hf(model: TransformerLM, spec: ModelSpec, path: str | os.PathLike, *,
   if out.exists() and (not out.is_dir() or any(out.iterdir())):
     raise HubError(f'{out} already exists and is not an empty folder; give a new path')
   family = FAMILIES[spec.architecture]
-  params = {_key(p): v for p, v in nnx.to_flat_state(nnx.state(model))}
+  params = {_key(p): v for p, v in nnx.to_flat_state(nnx.state(relayout(model, False)))}
   dtype = np.dtype(jax.numpy.dtype(spec.param_dtype))
   tensors, cache = [], {}
 

@@ -101,8 +101,11 @@ def _mesh(state):
   return None
 
 
-def _cache_spec(x, mesh) -> P:
-  """The batch over the token axes; [B, T, Hkv, Dh] also heads over 'model'."""
+def _cache_spec(x, mesh, stacked: bool = False) -> P:
+  """The batch over the token axes; [B, T, Hkv, Dh] also heads over 'model'; a scanned
+  model's stacked cache [G, ...] keeps its layer axis whole."""
+  if stacked:
+    return P(None, *_cache_spec(x[0], mesh))
   model = sharding.axis_size(mesh, 'model')
   heads = 'model' if x.ndim == 4 and model > 1 and x.shape[2] % model == 0 else None
   return P(*[sharding.token_axes(mesh) or None, None, heads, None][:x.ndim])
@@ -112,7 +115,9 @@ def _prefill(graphdef, state, tokens, start, key, *, length, mesh, settings):
   model = nnx.merge(graphdef, state)
   cache = model.init_cache(tokens.shape[0], length)
   if mesh is not None:
-    cache = jax.tree.map(lambda x: sharding.reshard(x, mesh, _cache_spec(x, mesh)), cache)
+    cache = jax.tree_util.tree_map_with_path(lambda path, x: sharding.reshard(
+        x, mesh, _cache_spec(x, mesh, any(getattr(k, 'key', None) == 'stack' for k in path))),
+        cache)
   logits, cache = model.decode(tokens, cache, Step(jnp.int32(0), start))
   return sample(logits[:, -1], key, **settings), cache
 

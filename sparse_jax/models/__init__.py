@@ -1,4 +1,4 @@
 """Language models built from sparse_jax layers."""
-from sparse_jax.models.transformer import Block, TransformerLM
+from sparse_jax.models.transformer import Block, TransformerLM, relayout
 
-__all__ = ['Block', 'TransformerLM']
+__all__ = ['Block', 'TransformerLM', 'relayout']

@@ -23,6 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sparse_jax.models import layout
+
 _FFN_IN, _ATTN_IN = ('wi', 'wi_gate'), ('wq', 'wk', 'wv')
 
 
@@ -72,6 +74,7 @@ def compact(spec, state: nnx.State, kept: dict) -> tuple:
   the dense blocks (MoE blocks are left as they are). Every dense block of a kind must be
   listed with the same count.
   """
+  layout.require_unrolled(spec, 'compact()')
   other = [k for k in kept if len(k) != 3 or k[2] not in ('ffn', 'attn')]
   if other:
     raise ValueError(f'compact() gathers dense FFN neurons and attention heads; it cannot '
@@ -130,6 +133,9 @@ def compact_experts(state: nnx.State, kept: dict) -> nnx.State:
   (model, optimizer) state of a run). The smaller layer routes over the kept experts
   only: it equals the original with the removed experts' router logits at -inf, given
   the same capacity per expert (scale capacity_factor by n / E)."""
+  if any(layout.STACKED in path for path, _ in nnx.to_flat_state(state)):
+    raise ValueError('compact_experts() works on unrolled blocks and this state is scanned: '
+                     'compact the state of sparse_jax.models.relayout(model, False)')
   if len({len(v) for v in kept.values()}) > 1:
     raise ValueError(f'compact_experts() needs the same number of kept experts in every '
                      f'MoE block (one spec value); got { {i: len(v) for i, v in kept.items()} }.')

@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from sparse_jax.layers import ffn
+from sparse_jax.models import layout, relayout
 from sparse_jax.moe import MoE
 from sparse_jax.pruning.masking import check_finite
 
@@ -63,6 +64,7 @@ def _reconstruction(moe: MoE, h) -> np.ndarray:
 def moe_inputs(model, tokens):
   """{block index: (MoE layer, its input h [B, L, D])} on the calibration tokens."""
   out = {}
+  model = relayout(model, False)
   x = jnp.take(model.embed[...], tokens, axis=0).astype(model.dtype)
   for i, block in enumerate(model.blocks):
     if isinstance(block.ffn, MoE):
@@ -118,7 +120,8 @@ def merge_into_kept(model, kept: dict[int, np.ndarray], weights: dict[int, np.nd
   """Merge each removed expert into its most similar kept one (cosine similarity of the
   experts' concatenated weights), in place: the kept expert becomes the average of the
   two weighted by `weights` (e.g. routing frequency). The removed experts are left as they
-  are; compaction drops them."""
+  are; compaction drops them. `model` is unrolled (relayout(model, False))."""
+  layout.require_unrolled(model.spec, 'merge_into_kept')
   for i, keep in kept.items():
     experts = model.blocks[i].ffn.experts
     w = experts.weights()

@@ -21,8 +21,10 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from sparse_jax.layers import DenseFFN, ffn_hidden
+from sparse_jax.models import layout, relayout
 from sparse_jax.moe import MoE
 from sparse_jax.pruning import oneshot
 from sparse_jax.pruning.masking import check_finite
@@ -42,10 +44,21 @@ def prune_model(model, tokens, *, method: str, sparsity: float | None = None,
   (per kernel: see oneshot.py for each method's comparison group) and n_m. options go to
   the method (SparseGPT's block_size, damp). prunable(path, leaf) picks the kernels, with
   the paths of pruning.masks (e.g. ('blocks', 1, 'ffn', 'experts', 'wi')); default the
-  attention, FFN and expert kernels the model names (roles.prunable).
+  attention, FFN and expert kernels the model names (roles.prunable). A scanned model
+  (spec.scan_layers) is pruned block by block as its unrolled copy (prunable sees those
+  paths) and gets the pruned blocks back; its masks are stacked like its kernels.
   """
   if method not in PRUNERS:
     raise ValueError(f'method={method!r} is unknown; use one of {METHODS}.')
+  if model.stack is not None:          # scanned: prune each block of the unrolled copy
+    flat = relayout(model, False)
+    masks = prune_model(flat, tokens, method=method, sparsity=sparsity, n_m=n_m,
+                        prunable=prunable, **options)
+    nnx.update(model, nnx.state(relayout(flat, True)))
+    # A stacked kernel some blocks left unpruned keeps everything in those blocks.
+    return layout.to_scanned(masks, model.pattern, lambda ms: jnp.stack(
+        [jnp.ones_like(next(m for m in ms if m is not None)) if m is None else m
+         for m in ms]))
   prunable = prunable or roles.prunable(roles.param_roles(model))
   masks = {}
 

@@ -1,7 +1,8 @@
 """Units: the leaves one mask decision covers, viewed as scores [R, U].
 
 Shape legend: R rows pruned independently, U candidates (units) per row, M group size of N:M.
-  element     one leaf, R = 1, U = its size (unstructured pruning; experts share one row)
+  element     one leaf, R = 1, U = its size (unstructured pruning; experts share one row);
+              a scanned stack [G, ...] has R = G, a row per layer
   n_m         one leaf, R = size / M, U = M (runs of M along the input axis)
   structured  a structured.Layer: several leaves, U neurons / heads / experts per row
   rows        one leaf as dynamic.py's rows: R = E (or 1), U = in * out, or with a
@@ -33,7 +34,7 @@ class Unit:
   def scores(self, xs):
     """Element scores of self.leaves (same order) -> f32[R, U]."""
     if self.kind == 'element':
-      return xs[0].reshape(1, -1)
+      return xs[0].reshape(self.rows, -1)
     if self.kind == 'n_m':
       return mask_lib.to_n_m_groups(xs[0], self.m)
     if self.kind == 'rows':
@@ -51,8 +52,12 @@ class Unit:
     return structured.layer_masks(keep, self.layer, shapes)
 
 
-def element_units(indices, shapes) -> list[Unit]:
-  return [Unit((i,), 1, math.prod(shapes[i]), 'element') for i in indices]
+def element_units(indices, shapes, stacked=None) -> list[Unit]:
+  """One unit per leaf; a stacked leaf [G, ...] (stacked[k] for indices[k]) has a row per
+  layer."""
+  stacked = stacked or [False] * len(indices)
+  rows = [shapes[i][0] if s else 1 for i, s in zip(indices, stacked)]
+  return [Unit((i,), r, math.prod(shapes[i]) // r, 'element') for i, r in zip(indices, rows)]
 
 
 def n_m_units(indices, paths, shapes, n: int, m: int) -> list[Unit]:

@@ -80,6 +80,7 @@ class _Config:
   fan_in: str = 'any'
   drop_fraction: float = 0.3
   min_salient: float = 0.0
+  stacked: Callable | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,8 +176,12 @@ def _counts(c: _Config, units, shapes, s, xp):
   if c.scope == 'global':
     total = sum(u.groups for u in units)
     return xp.round(xp.asarray([s * total])).astype(xp.int32)
-  return dist_lib.zeros_per_layer(s, [shapes[u.leaves[0]] for u in units], c.distribution,
-                                  xp)
+  # A stacked leaf's rows are layers of one shape: each is a layer of the distribution.
+  layers = [[shapes[u.leaves[0]][1:] if u.rows > 1 else shapes[u.leaves[0]]] * u.rows
+            for u in units]
+  counts = dist_lib.zeros_per_layer(s, [x for rows in layers for x in rows],
+                                    c.distribution, xp)
+  return counts[np.cumsum([0] + [u.rows for u in units[:-1]])]
 
 
 def _plan(c: _Config, paths, vals) -> _Plan:
@@ -189,7 +194,9 @@ def _plan(c: _Config, paths, vals) -> _Plan:
   elif c.schedule == 'dynamic':
     units = unit_lib.row_units(idx, paths, shapes, c.fan_in)
   else:
-    units = unit_lib.element_units(idx, shapes)
+    layers = [c.scope == 'layer' and c.stacked is not None and c.stacked(paths[i], vals[i])
+              for i in idx]
+    units = unit_lib.element_units(idx, shapes, layers)
   pruned = tuple(sorted(i for u in units for i in u.leaves))
   sched = 'one_shot' if c.n_m is not None else c.schedule
   steps = tuple(schedule_lib.update_steps(sched, c.start_step, c.end_step, c.update_every))
@@ -300,7 +307,8 @@ def wrap(inner: optax.GradientTransformation, sparsity: float = 0.0,
          n_m: tuple[int, int] | None = None, prunable: Callable | None = None, *,
          seed: int = 0, structure: str | None = None, num_heads: int | None = None,
          regrow: str = 'gradient', fan_in: str = 'any', drop_fraction: float = 0.3,
-         min_salient: float = 0.0) -> optax.GradientTransformationExtraArgs:
+         min_salient: float = 0.0,
+         stacked: Callable | None = None) -> optax.GradientTransformationExtraArgs:
   """Prune the params `inner` optimizes; see the module docstring and docs/pruning.md.
 
   Args:
@@ -335,12 +343,16 @@ def wrap(inner: optax.GradientTransformation, sparsity: float = 0.0,
     min_salient: with fan_in='constant' and regrow='gradient', SRigL's neuron ablation:
       a neuron with fewer than max(1, floor(min_salient * K)) salient weights is pruned
       whole and its layer's other neurons share its budget (dynamic.py); 0 = never.
+    stacked: (path, leaf) -> bool for leaves whose leading axis holds the layers of a
+      scanned stack [G, ...] (sparse_jax.roles.stacked): with scope='layer' each layer
+      gets its own budget, as if unrolled. N:M and dynamic rows are per layer already;
+      structure= does not take stacked leaves.
   Returns a GradientTransformation whose state is a PruneState; update needs params.
   """
   c = _Config(sparsity, method, schedule, start_step, end_step, update_every,
               distribution, scope, tuple(n_m) if isinstance(n_m, list) else n_m,
               prunable or default_prunable, seed, structure, num_heads, regrow, fan_in,
-              drop_fraction, min_salient)
+              drop_fraction, min_salient, stacked)
   _validate(c)
   inner = optax.with_extra_args_support(inner)
   cache: dict = {}

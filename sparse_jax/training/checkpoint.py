@@ -39,7 +39,7 @@ from jax.experimental import multihost_utils
 
 from sparse_jax import digests, sharding
 from sparse_jax.config import ConfigError, ModelSpec, from_saved, model_spec, resolve
-from sparse_jax.models import TransformerLM
+from sparse_jax.models import TransformerLM, layout
 
 T = TypeVar('T')
 
@@ -102,6 +102,32 @@ def structure_difference(want: dict, have: dict) -> str | None:
     if want[name] != have[name]:
       return f'{name} has shape {have[name]} in the checkpoint but {want[name]} here'
   return None
+
+
+def _other_layout(named: dict, spec: ModelSpec, have: dict):
+  """When the leaves `named` ({leaf name: ShapeDtypeStruct}) are in the other layer layout
+  than a checkpoint of `spec` holding `have` ({leaf name: shape}): (the leaves as that
+  checkpoint holds them, replicated; {name: array} as stored -> {name: array} as named).
+  Else None."""
+  pat = layout.of_spec(spec)
+  to_tuple = lambda name: tuple(int(k) if k.isdigit() else k for k in name.split('/'))
+  to_name = lambda path: '/'.join(str(k) for k in path)
+  flat = {to_tuple(k): x for k, x in named.items()}
+  mesh = next(iter(named.values())).sharding.mesh
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  sds = lambda shape, x: jax.ShapeDtypeStruct(shape, x.dtype, sharding=replicated)
+  if spec.scan_layers:
+    stored = layout.to_scanned(flat, pat, lambda xs: sds((len(xs), *xs[0].shape), xs[0]))
+    back = lambda flat: layout.to_unrolled(flat, pat)
+  else:
+    stored = layout.to_unrolled(flat, pat, lambda x, g: sds(x.shape[1:], x))
+    back = lambda flat: layout.to_scanned(flat, pat)
+  stored = {to_name(p): x for p, x in stored.items()}
+  if stored.keys() == named.keys() or structure_difference(
+      {k: tuple(x.shape) for k, x in stored.items()}, have) is not None:
+    return None
+  return stored, lambda leaves: {to_name(p): x for p, x in back(
+      {to_tuple(k): v for k, v in leaves.items()}).items()}
 
 
 def _one_line(e: BaseException) -> str:
@@ -194,29 +220,57 @@ class Checkpoints:
     saved = self._mngr.restore(step, args=ocp.args.Composite(model=ocp.args.JsonRestore()))
     return ModelSpec.from_json(saved['model'])
 
-  def _stored(self, step: int, want: dict, what: str):
-    """The step's stored state metadata; StructureError when `want` ({leaf: shape}) is
-    not what it holds (only the model's leaves when what='model')."""
+  def restore_model(self, step: int, model_state, shardings):
+    """Only the model's part of the state saved at `step` (no optimizer is built or read),
+    placed with `shardings`; model_state may be abstract (nnx.eval_shape)."""
+    return self._read_state(step, model_state, shardings, 'model')
+
+  def restore(self, step: int, state, shardings, data_iterator=None):
+    """The state saved at `step`, placed like `state`; the iterator is moved in place.
+    StructureError, before anything is read, when the step holds another structure.
+    A step written in the other layer layout (model.scan_layers) is converted."""
+    restored = self._read_state(step, state, shardings, 'model or optimizer state')
+    if data_iterator is not None:
+      data = self._mngr.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))
+      if data['data']:                                  # {}: saved at the data's start
+        data_iterator.set_state(data['data'])
+    return restored
+
+  def _read_state(self, step: int, state, shardings, what: str):
+    """Read the leaves of `state` ((model, optimizer), or a model state when what='model')
+    from `step`, placed with `shardings`. When the step holds them in the other layer
+    layout they are read as stored and moved (models.layout); orbax places what it reads
+    replicated first, then the move is placed as asked."""
+    prefix = (jax.tree_util.SequenceKey(0),) if what == 'model' else ()
+    want = _abstract(state, shardings)
+    named = {_leaf_name(prefix + p): x for p, x in jax.tree_util.tree_flatten_with_path(want)[0]}
     stored = ocp.StandardCheckpointHandler().metadata(self.dir / str(step) / 'state')
     have = _shapes(stored)
     if what == 'model':
       have = {k: v for k, v in have.items() if k.startswith('model/')}
+    shapes = {k: tuple(x.shape) for k, x in named.items()}
+    moved = _other_layout(named, self.model_spec(step), have)
+    if moved is None:
+      self._refuse(step, shapes, have, what)
+      leaves = self._read(step, named, stored)
+    else:
+      to_stored, back = moved
+      leaves = back(self._read(step, to_stored, stored))
+      leaves = {k: jax.device_put(leaves[k], x.sharding) for k, x in named.items()}
+    flat = jax.tree.unflatten(jax.tree.structure(want), [leaves[k] for k in named])
+    return _rewrap_keys(state, flat)
+
+  def _refuse(self, step: int, want: dict, have: dict, what: str):
     difference = structure_difference(want, have)
     if difference is not None:
       raise StructureError(
           f'checkpoint step {step} in {self.dir} holds another {what} than this config '
           f'builds ({difference}): resume it with the config it was written with, or use '
           'a new --workdir')
-    return stored
 
-  def restore_model(self, step: int, model_state, shardings):
-    """Only the model's part of the state saved at `step` (no optimizer is built or read),
-    placed with `shardings`; model_state may be abstract (nnx.eval_shape)."""
-    want = _abstract(model_state, shardings)
-    named = {_leaf_name((jax.tree_util.SequenceKey(0),) + p): x
-             for p, x in jax.tree_util.tree_flatten_with_path(want)[0]}
-    stored = self._stored(step, {k: tuple(x.shape) for k, x in named.items()}, 'model')
-    # Leaves outside the model are placeholders: orbax skips them (orbax 0.12).
+  def _read(self, step: int, named: dict, stored) -> dict:
+    """{leaf name: array} of the leaves `named` ({name: ShapeDtypeStruct with a sharding}).
+    Leaves outside it are placeholders: orbax skips them (orbax 0.12)."""
     target = jax.tree_util.tree_map_with_path(
         lambda p, _: named.get(_leaf_name(p), ocp.PLACEHOLDER), stored.tree)
     args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(
@@ -224,22 +278,8 @@ class Checkpoints:
         if isinstance(x, jax.ShapeDtypeStruct) else ocp.RestoreArgs(), target)
     restored = ocp.PyTreeCheckpointer().restore(
         self.dir / str(step) / 'state', args=ocp.args.PyTreeRestore(target, args))
-    leaves = {_leaf_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(restored)[0]
-              if x is not ocp.PLACEHOLDER}
-    flat = jax.tree.unflatten(jax.tree.structure(want), [leaves[k] for k in named])
-    return _rewrap_keys(model_state, flat)
-
-  def restore(self, step: int, state, shardings, data_iterator=None):
-    """The state saved at `step`, placed like `state`; the iterator is moved in place.
-    StructureError, before anything is read, when the step holds another structure."""
-    self._stored(step, _shapes(_storable(state)), 'model or optimizer state')
-    items = {'state': ocp.args.StandardRestore(_abstract(state, shardings))}
-    if data_iterator is not None:
-      items['data'] = ocp.args.JsonRestore()
-    restored = self._mngr.restore(step, args=ocp.args.Composite(**items))
-    if data_iterator is not None and restored['data']:    # {}: saved at the data's start
-      data_iterator.set_state(restored['data'])
-    return _rewrap_keys(state, restored['state'])
+    return {_leaf_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(restored)[0]
+            if x is not ocp.PLACEHOLDER}
 
   # --- save ------------------------------------------------------------------------------
 

@@ -18,11 +18,15 @@ def make_optimizer(spec: Spec, param_roles: dict) -> optax.GradientTransformatio
   horizon = max(t.lr_decay_steps, t.warmup_steps + 1)
   schedule = optax.warmup_cosine_decay_schedule(
       0.0, t.lr, t.warmup_steps, horizon, end_value=t.lr * t.min_lr_ratio)
-  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+  # A scanned stack's leading layer axis does not make a norm scale a matrix.
+  is_stacked = roles.stacked(param_roles)
+  decay_mask = lambda params: jax.tree_util.tree_map_with_path(
+      lambda path, p: p.ndim - is_stacked(pruning.paths.plain_path(path), p) >= 2, params)
   tx = optax.adamw(schedule, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay, mask=decay_mask)
   if t.grad_clip > 0:
     tx = optax.chain(optax.clip_by_global_norm(t.grad_clip), tx)
   if spec.pruning is None:
     return tx
   return pruning.wrap(tx, **spec.pruning.wrap_kwargs(spec.model.num_heads),
-                      prunable=roles.prunable(param_roles, spec.pruning.targets))
+                      prunable=roles.prunable(param_roles, spec.pruning.targets),
+                      stacked=is_stacked)

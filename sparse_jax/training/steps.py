@@ -116,12 +116,13 @@ def make_train_step(graphdef, spec: Spec, mesh: Mesh | None = None):
         micro, (zeros, rest), split_microbatches(batch, m, mesh))
     grads = jax.tree.map(lambda g: g / m, grads)
     model = nnx.merge(mdef, params, bias, rest)
-    step_aux = {}
+    step_aux, demand = {}, {}
     for i, layer in model.moe_layers().items():
       stats = jax.tree.map(lambda x: x.sum(0), layers[i]['stats'])
-      layer.update_bias(stats['demand'])
+      demand[i] = stats['demand']
       step_aux[i] = {**layer.routing_metrics(stats),
                      **{k: layers[i][k].mean() for k in _MICRO_MEANS}}
+    model.update_biases(demand)
     opt.update(model, grads)
     metrics = {'loss': ce.mean(), 'total_loss': total.mean(),
                'grad_norm': optax.tree.norm(grads), **routing_metrics({'layers': step_aux})}
@@ -162,7 +163,7 @@ def build(spec: Spec, mesh: Mesh, model: TransformerLM | None = None) -> Steps:
   shardings. Raises ConfigError when FSDP cannot split a parameter."""
   if model is None:
     model = TransformerLM(spec.model, mesh=mesh, rngs=nnx.Rngs(spec.seed))
-  model.remat = spec.train.remat == 'block'
+  model.remat = spec.train.remat
   opt = nnx.Optimizer(model, make_optimizer(spec, roles.param_roles(model)), wrt=nnx.Param)
   graphdef, state = nnx.split((model, opt))
   try:
