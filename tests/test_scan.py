@@ -240,3 +240,24 @@ def test_hub_and_generation_with_a_scanned_model(tmp_path):
   fa, fb = st.read_folder(a), st.read_folder(b)
   assert fa.keys() == fb.keys()
   assert (a / 'model.safetensors').read_bytes() == (b / 'model.safetensors').read_bytes()
+
+
+@pytest.mark.slow
+def test_a_scanned_run_compresses_and_trains_on_scanned(tmp_path, data_dir):
+  """train (scanned) -> compress --method=wanda (pruned block by block, written back
+  stacked) -> continue training scanned: every layer of a stacked kernel keeps its half."""
+  from sparse_jax import compress
+  c = load_config(ROOT / 'configs' / 'tiny.py')
+  c.data.data_dir, c.model.num_layers, c.model.scan_layers = data_dir, 4, True
+  c.train.update(steps=3, checkpoint_every=3, eval_every=3)
+  assert loop.train(c, tmp_path / 'src') == 0
+  compress.compress(compress.Options(workdir=str(tmp_path / 'src'), out=str(tmp_path / 'dst'),
+                                     method='wanda', sparsity=0.5))
+  c = load_config(tmp_path / 'dst' / 'config.py')
+  assert c.model.scan_layers
+  c.train.steps = 5
+  assert loop.train(c, tmp_path / 'dst') == 0
+  _, _, model = checkpoint.load_model(tmp_path / 'dst', loop.make_mesh(resolve(c, 8)))
+  wi = np.asarray(model.stack[0].ffn.wi[...])                         # [G=2, D, F]
+  assert wi.shape[0] == 2
+  assert [(w == 0).mean() for w in wi] == [0.5, 0.5]
