@@ -240,6 +240,12 @@ def test_hub_and_generation_with_a_scanned_model(tmp_path):
   fa, fb = st.read_folder(a), st.read_folder(b)
   assert fa.keys() == fb.keys()
   assert (a / 'model.safetensors').read_bytes() == (b / 'model.safetensors').read_bytes()
+  # On a data 2 x expert 4 mesh the stacked cache is split with the batch.
+  mesh = sharding.make_mesh(2, 4)
+  scanned = relayout(hub.load_hf(HF / 'deepseek_v3', mesh=mesh)[0], True)
+  new = inference.generate(scanned, ref['prompt'][:1], 6)
+  np.testing.assert_array_equal(np.asarray(new), ref['greedy'][:1, :6])
+  assert scanned.stack[0].ffn.experts.wi[...].sharding.spec[:2] == (None, 'expert')
 
 
 @pytest.mark.slow
