@@ -181,19 +181,6 @@ def test_bench_provenance(script, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_bench_compile_measures_both_layouts_and_every_remat_policy(tmp_path):
-  importlib.import_module('bench_compile').main(['--quick', '--out', str(tmp_path)])
-  result = json.loads((tmp_path / 'bench_compile.json').read_text())
-  _check_meta(result['meta'], corpus=False)
-  compile_rows = [r for r in result['rows'] if r['kind'] == 'compile']
-  assert {(r['layers'], r['scan_layers']) for r in compile_rows} == {
-      (4, False), (4, True), (8, False), (8, True)}
-  assert all(r['train_compile_s'] > 0 and r['decode_compile_s'] > 0 for r in compile_rows)
-  remat = {r['remat']: r['compiled_temp_bytes'] for r in result['rows'] if r['kind'] == 'remat'}
-  assert remat.keys() == {'none', 'block', 'dots'} and remat['block'] < remat['none']
-
-
-@pytest.mark.slow
 def test_bench_memory_and_bf16_provenance(tmp_path, capsys):
   importlib.import_module('bench_memory').main(['--quick', '--steps', '1', '--out',
                                                 str(tmp_path)])
