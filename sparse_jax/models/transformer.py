@@ -135,6 +135,9 @@ class TransformerLM(nnx.Module):
   def __init__(self, spec: ModelSpec, *, mesh: Mesh | None = None, rngs: nnx.Rngs,
                causal: bool = True, remat: str = 'none'):
     d, v = spec.d_model, spec.vocab_size
+    if remat not in ('none', *REMAT_POLICIES):
+      raise ValueError(f"remat={remat!r} is unknown; use 'none' or one of "
+                       f'{tuple(REMAT_POLICIES)}.')
     self.spec, self.mesh, self.causal = spec, mesh, causal
     self.dtype, self.remat = jnp.dtype(spec.dtype), remat
     self.embed = nnx.Param(jax.random.normal(rngs.params(), (v, d), jnp.float32) * d ** -0.5,
