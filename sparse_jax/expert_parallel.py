@@ -212,6 +212,14 @@ def ragged_all_to_all_reference(operand, output, input_offsets, send_sizes,
   return result[:m]
 
 
+def dropless(transport: str, x: jax.Array, plan: RoutingPlan, num_experts: int, ep: int,
+             grouped_fn: GroupedFn, *, capacity_factor: float) -> jax.Array:
+  """The layer's exchange by `transport` (TRANSPORTS); capacity_factor sizes 'sized''s
+  buffers and is ignored by the others."""
+  kw = {'factor': capacity_factor} if transport == 'sized' else {}
+  return DROPLESS[transport](x, plan, num_experts, ep, grouped_fn, **kw)
+
+
 DROPLESS = {'all_to_all': dropless_all_to_all, 'sized': dropless_sized,
             'all_gather': dropless_all_gather,
             'ragged': dropless_ragged,

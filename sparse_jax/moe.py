@@ -188,10 +188,8 @@ def _routed(x, logits, weights, bias, *, st: _Settings, apply: Callable,
     if st.ep == 1:
       y = dispatch_lib.dropless(xg.reshape(g * s, d), flat, e, run)
     else:
-      move = expert_parallel.DROPLESS[st.ep_transport]
-      if st.ep_transport == 'sized':        # buffers of the expected load times this factor
-        move = functools.partial(move, factor=st.capacity_factor)
-      y = move(xg.reshape(g * s, d), flat, e, st.ep, run)
+      y = expert_parallel.dropless(st.ep_transport, xg.reshape(g * s, d), flat, e, st.ep,
+                                   run, capacity_factor=st.capacity_factor)
   else:
     backend = dispatch_lib.CAPACITY_BACKENDS[st.dispatch]
     send, ctx = backend.dispatch(xg, plan, e, c)                       # [E, G*C, D]
