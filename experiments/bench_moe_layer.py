@@ -139,14 +139,15 @@ def bench_expert_parallel(t, d, f, e, repeats):
                bytes_per_all_to_all_per_device=sent[k]) for k, v in secs.items()]
 
 
-def collective_bytes(transport, tokens, k, e, p, d, capacity, itemsize=4):
+def collective_bytes(transport, tokens, k, e, p, d, capacity, spill=0, itemsize=4):
   """Bytes one device hands to collectives in one layer's forward (the whole buffers,
-  its own share included, as for the capacity path's 2 * E*C*D)."""
+  its own share included, as for the capacity path's 2 * E*C*D); spill: the rows per
+  destination of 'sized''s spill buffers in this step (0: none)."""
   r = tokens * min(k, e // p)                       # expert_parallel.worst_case_rows
-  rs = sj.expert_parallel.sized_rows(tokens, k, e, p, 1.25)   # 'sized' without overflow
+  rows = lambda n: 2 * p * n * d * itemsize + p * n * 4            # there and back, ids
   return {'capacity': 2 * e * capacity * d * itemsize,
-          'all_to_all': 2 * p * r * d * itemsize + p * r * 4,          # rows there and back, ids
-          'sized': 2 * p * rs * d * itemsize + p * rs * 4 + 4,        # + the overflow flag
+          'all_to_all': rows(r),
+          'sized': 2 * e * capacity * d * itemsize + 4 + rows(spill),   # + the spill size
           'all_gather': 2 * p * tokens * d * itemsize + p * tokens * k * 8,   # + ids, weights
           }[transport]
 
@@ -168,24 +169,27 @@ def bench_transports(t, d, f, e, repeats):
       fns[(name, k)] = lambda g=g, p=p: g(p, x)
       temp = g.lower(p, x).compile().memory_analysis().temp_size_in_bytes
       c = sj.routing.capacity(t // n, e, k, 1.25)
-      info[(name, k)] = dict(temp_mib=temp / 2**20, bytes=collective_bytes(
-          name, t // n, k, e, n, d, c), overflowed=_overflowed(layer, x, k, e, n)
-          if name == 'sized' else None)
+      spill = _spill_rows(layer, x, k, e, n) if name == 'sized' else None
+      info[(name, k)] = dict(temp_mib=temp / 2**20, spill=spill, bytes=collective_bytes(
+          name, t // n, k, e, n, d, c, spill or 0))
   secs = time_side_by_side(fns, repeats)
   return [dict(transport=name, k=k, ratio_vs_capacity=s / secs[('capacity', k)],
                collective_bytes_per_device=info[(name, k)]['bytes'],
-               temp_mib=info[(name, k)]['temp_mib'], overflowed=info[(name, k)]['overflowed'])
+               temp_mib=info[(name, k)]['temp_mib'], spill_rows=info[(name, k)]['spill'])
           for (name, k), s in secs.items()]
 
 
-def _overflowed(layer, x, k, e, n) -> bool:
-  """Whether this input sends the 'sized' transport down its worst-case branch: some
-  device (row of x) has more kept choices for one destination than the buffer holds."""
+def _spill_rows(layer, x, k, e, n) -> int:
+  """The rows per destination of the buffers 'sized' sends the choices past capacity in
+  for this input (0: nothing past capacity): the first of spill_rows that holds the
+  most any device (row of x) has for one destination."""
   plan, _ = layer.route(x)
-  dest = np.asarray(plan.expert) // (e // n)                     # [n, S, K]
-  kept = np.asarray(plan.kept)
-  rows = sj.expert_parallel.sized_rows(x.shape[1], k, e, n, 1.25)
-  return bool(max(np.bincount(dest[i][kept[i]], minlength=n).max() for i in range(n)) > rows)
+  expert, kept = np.asarray(plan.expert), np.asarray(plan.kept)      # [n, S, K]
+  c = sj.routing.capacity(x.shape[1], e, k, 1.25)
+  need = max((np.maximum(np.bincount(expert[i][kept[i]], minlength=e) - c, 0)
+              .reshape(n, -1).sum(1).max()) for i in range(n))
+  sizes = sj.expert_parallel.spill_rows(e // n * c, x.shape[1] * min(k, e // n))
+  return 0 if need == 0 else next(r for r in sizes if r >= need)
 
 
 def main(argv=None):
@@ -208,12 +212,12 @@ def main(argv=None):
     _layer_parts(res, t, d, f, e, repeats, mem_tokens)
   res['transports'] = bench_transports(t, d, f, e, repeats)
   print('\n| dispatch over expert axis 8 | k | fwd+bwd time / capacity all-to-all | bytes to '
-        'collectives per device per layer (fwd) | compiled temp MiB | overflowed |'
+        'collectives per device per layer (fwd) | compiled temp MiB | sized: spill rows |'
         '\n|---|---|---|---|---|---|')
   for r in res['transports']:
     print(f"| {r['transport']} | {r['k']} | {r['ratio_vs_capacity']:.3f} | "
           f"{r['collective_bytes_per_device']:,} | {r['temp_mib']:.1f} | "
-          f"{r['overflowed']} |")
+          f"{'-' if r['spill_rows'] is None else r['spill_rows']} |")
   if a.json:
     common.write_json(a.json, meta, **res)
 

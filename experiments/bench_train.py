@@ -1,5 +1,6 @@
 """Training throughput of the switch LM vs the dense LM with the same active FLOPs per
-token, measured side by side in one run on the 8-device CPU mesh.
+token, measured side by side in one run on the 8-device CPU mesh: capacity dispatch, and
+dropless dispatch on one device's experts and over the expert axis by two transports.
 
   python experiments/bench_train.py            # configs/dense.py vs configs/switch.py sizes
   python experiments/bench_train.py --quick    # configs/tiny.py sizes
@@ -30,11 +31,16 @@ def main(argv=None):
   ap.add_argument('--steps', type=int, default=None, help='timed steps per model')
   ap.add_argument('--json', metavar='PATH')
   a = ap.parse_args(argv)
-  variants = {'dense': ('dense.py', 8, 1), 'switch (expert axis 1)': ('switch.py', 8, 1),
-              'switch (expert axis 8)': ('switch.py', 1, 8)}
+  dropless = lambda transport: dict(dispatch='dropless', ep_transport=transport)
+  variants = {'dense': ('dense.py', 8, 1, {}), 'switch (expert axis 1)': ('switch.py', 8, 1, {}),
+              'switch (expert axis 8)': ('switch.py', 1, 8, {}),
+              'switch dropless (expert axis 1)': ('switch.py', 8, 1, dropless('all_to_all')),
+              **{f'switch dropless {t} (expert axis 8)': ('switch.py', 1, 8, dropless(t))
+                 for t in ('all_to_all', 'sized')}}
   specs = {}
-  for name, (file, data, expert) in variants.items():
+  for name, (file, data, expert, moe) in variants.items():
     c = load_config(CONFIGS / file)
+    c.moe.update(moe)
     if a.quick:
       tiny = load_config(CONFIGS / 'tiny.py')
       c.model, c.train = tiny.model, tiny.train

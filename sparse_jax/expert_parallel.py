@@ -15,12 +15,17 @@ equal to the single-device layer) and three transports (TRANSPORTS):
                 worst case, so nothing can overflow) and the rows' local expert ids;
                 the receiver runs its experts on the rows it got and sends them back.
                 Forward: 3 all_to_all (rows, ids, results).
-  'sized'       'all_to_all' with buffers of the expected load times the layer's
-                capacity factor, ceil(cf * S*K/P) rows (sized_rows), what capacity
-                dispatch sends. When a device's rows for some destination exceed it,
-                an overflow flag summed over 'expert' makes every device of the axis
-                take the worst-case exchange of R rows instead (lax.cond), so nothing
-                is ever dropped. Forward: one psum of the flag, then 3 all_to_all.
+  'sized'       capacity dispatch at the layer's capacity factor ([E, C, D] slot
+                buffers, C = ceil(cf * S*K/E)) for the choices that fit, and the
+                choices past capacity in one 'all_to_all' exchange whose buffers are
+                the smallest of E/P*C/4, twice that, ... up to R rows that holds what
+                every device of the axis has for one destination (the count is
+                max-reduced over 'expert' and chooses the branch of one lax.switch;
+                none when nothing is past capacity). Nothing is ever dropped, a step
+                without overflow costs what capacity dispatch costs, and one with
+                a little overflow a small exchange more (switch_keeping_residuals
+                keeps the other branches' residuals out of the step). Forward: 2
+                all_to_all and one pmax; 3 all_to_all more when something spills.
   'all_gather'  the ring-of-experts form: all-gather the tokens and their routing over
                 'expert', run the local experts on the choices that name them, and
                 psum_scatter the partial outputs home. Forward: all-gathers of tokens,
@@ -43,7 +48,7 @@ import jax
 import jax.numpy as jnp
 
 from sparse_jax import dispatch as dispatch_lib
-from sparse_jax.routing import RoutingPlan, queue_positions
+from sparse_jax.routing import RoutingPlan, capacity, queue_positions
 
 TRANSPORTS = ('all_to_all', 'sized', 'all_gather', 'ragged', 'ragged_reference')
 AXIS = 'expert'
@@ -55,7 +60,8 @@ def check_transport(transport: str, platform: str) -> None:
     raise ValueError(f'ep_transport={transport!r} is unknown; use one of {TRANSPORTS}.')
   if transport == 'ragged' and platform == 'cpu':
     raise ValueError("ep_transport='ragged' needs jax.lax.ragged_all_to_all, which XLA:CPU "
-                     "does not implement; use ep_transport='all_to_all' or 'all_gather'.")
+                     "does not implement; use ep_transport='sized' (the default), 'all_to_all' or "
+                     "'all_gather'.")
 
 
 # --------------------------------------------------------------------------- capacity
@@ -95,11 +101,6 @@ def _local_rows(rows, ids, local_experts, grouped_fn):
   return dispatch_lib.sorted_apply(rows, ids[:, None], ones, local_experts, grouped_fn)
 
 
-def sized_rows(tokens: int, k: int, num_experts: int, ep: int, factor: float) -> int:
-  """Rows per destination of 'sized': ceil(factor * S*K/P), at most R."""
-  return min(worst_case_rows(tokens, k, num_experts, ep), math.ceil(factor * tokens * k / ep))
-
-
 def dropless_all_to_all(x: jax.Array, plan: RoutingPlan, num_experts: int, ep: int,
                         grouped_fn: GroupedFn, rows: int | None = None) -> jax.Array:
   """x [S, D], plan [S, K] (global expert ids) -> y [S, D]; grouped_fn runs the E/P
@@ -122,25 +123,122 @@ def dropless_all_to_all(x: jax.Array, plan: RoutingPlan, num_experts: int, ep: i
 
 
 def dropless_sized(x: jax.Array, plan: RoutingPlan, num_experts: int, ep: int,
-                   grouped_fn: GroupedFn, factor: float = 1.25) -> jax.Array:
-  """Buffers of the expected load, the worst case when any device would overflow;
-  same contract as dropless_all_to_all."""
+                   grouped_fn: GroupedFn, *, factor: float, apply: Callable) -> jax.Array:
+  """Capacity dispatch at capacity factor `factor` for the choices that fit its C slots,
+  and one exchange as small as suffices for those past them (spill_rows); same
+  contract as dropless_all_to_all. apply: the local experts on [E/P, N, D] row blocks
+  (Experts.apply with its weights)."""
   s, k = plan.expert.shape
-  rows = sized_rows(s, k, num_experts, ep, factor)
-  worst = worst_case_rows(s, k, num_experts, ep)
-  if rows >= worst:
-    return dropless_all_to_all(x, plan, num_experts, ep, grouped_fn)
-  send = lambda r: lambda x, plan: dropless_all_to_all(x, plan, num_experts, ep,
-                                                       grouped_fn, rows=r)
-  return jax.lax.cond(overflows(plan, num_experts, ep, rows), send(worst), send(rows), x, plan)
+  el = num_experts // ep
+  c = capacity(s, num_experts, k, factor)
+  fits, past, need = past_capacity(plan, num_experts, ep, c)
+  send, m = dispatch_lib.index_dispatch(x, fits, num_experts, c)        # [E, C, D]
+  y = dispatch_lib.index_combine(exchange(apply(exchange(send, ep)), ep, back=True),
+                                 fits, m)
+  if c >= s:                                      # no expert can get more than S rows
+    return y
+  sizes = spill_rows(el * c, worst_case_rows(s, k, num_experts, ep))
+  # Branch 0 sends nothing; branch i the spill in buffers of sizes[i - 1] rows.
+  branch = jnp.sum(need > jnp.asarray((0,) + sizes[:-1]))
+  none = lambda x, past: _zeros_like(jax.typeof(y))
+  spill = lambda rows: lambda x, past: dropless_all_to_all(x, past, num_experts, ep,
+                                                           grouped_fn, rows=rows)
+  return y + switch_keeping_residuals(branch, [none] + [spill(r) for r in sizes], x, past)
 
 
-def overflows(plan: RoutingPlan, num_experts: int, ep: int, rows: int) -> jax.Array:
-  """bool[]: some device of the 'expert' axis has more than `rows` kept choices for one
-  destination. Summed over the axis, so the devices that exchange rows agree on it."""
-  dest = (plan.expert // (num_experts // ep)).reshape(-1)
-  load = jnp.zeros((ep,), jnp.int32).at[dest].add(plan.kept.reshape(-1).astype(jnp.int32))
-  return jax.lax.psum((load.max() > rows).astype(jnp.int32), AXIS) > 0
+def spill_rows(capacity_rows: int, worst: int) -> tuple[int, ...]:
+  """The buffer sizes (rows per destination) 'sized' may send the choices past capacity
+  in: a quarter of what capacity sends one device (E/P * C), doubling up to the worst
+  case R, so a step sends at most twice the rows it needs (or R)."""
+  sizes = [max(1, capacity_rows // 4)]
+  while sizes[-1] < worst:
+    sizes.append(min(2 * sizes[-1], worst))
+  return tuple(sizes)
+
+
+def past_capacity(plan: RoutingPlan, num_experts: int, ep: int, c: int):
+  """(plan's kept choices that fit c slots of their expert's queue on this device, those
+  past them, i32[] the most past-capacity choices any device of the 'expert' axis has
+  for one destination device). The last is the max over the axis, so every device that
+  exchanges rows takes the same branch."""
+  slot = queue_positions(plan.expert, num_experts, plan.kept)   # plan's: per routing group
+  fits = plan.kept & (slot < c)
+  past = plan.kept & ~fits
+  per_device = jnp.zeros((ep,), jnp.int32).at[plan.expert.reshape(-1) // (num_experts // ep)
+                                              ].add(past.reshape(-1).astype(jnp.int32))
+  return (plan._replace(slot=slot, kept=fits), plan._replace(slot=slot, kept=past),
+          jax.lax.pmax(per_device.max(), AXIS))
+
+
+def switch_keeping_residuals(index: jax.Array, branches: list[Callable], *args):
+  """lax.switch(index, branches, *args), differentiated so that branches[0], the common
+  one, keeps the residuals its forward saved for its backward, and every other branch
+  recomputes its forward inside its backward.
+
+  jax.lax.switch's own rule (jax 0.10) makes whichever branch runs return the residuals
+  of every branch, zeros for the others: a 'sized' step that sends nothing past capacity
+  would allocate and fill the worst-case exchange's residuals too (about twice capacity
+  dispatch's time, bench_moe_layer.py).
+
+  The floating leaves of args are differentiated, the others (integer routing) are not.
+  The branches may close over floating arrays (expert weights), never over integer
+  ones: pass those in args.
+  """
+  leaves, tree = jax.tree.flatten(args)
+  floating = [jnp.issubdtype(l.dtype, jnp.inexact) for l in leaves]
+  # Closed-over floats (expert weights) become inputs, as custom_vjp needs.
+  converted = [jax.closure_convert(b, *args) for b in branches]
+  consts = list({id(c): c for _, cs in converted for c in cs}.values())
+  where = [id(c) for c in consts]
+
+  def bind(f, sub):
+    idx = [where.index(id(c)) for c in sub]
+    def g(fl, other, c):
+      fl, other = iter(fl), iter(other)
+      a = tree.unflatten([next(fl) if f_ else next(other) for f_ in floating])
+      return f(*a, *(c[i] for i in idx))
+    return g
+
+  fns = [bind(f, cs) for f, cs in converted]
+  common_vjp = []                   # the common vjp's (structure, residual types)
+
+  @jax.custom_vjp
+  def run(index, fl, other, c):
+    return jax.lax.switch(index, fns, fl, other, c)
+
+  def common_fwd(fl, other, c):
+    y, vjp = jax.vjp(lambda fl, c: fns[0](fl, other, c), fl, c)
+    res, vjp_tree = jax.tree.flatten(vjp)
+    common_vjp[:] = [vjp_tree, [jax.typeof(r) for r in res]]
+    return y, res
+
+  def fwd(index, fl, other, c):
+    jax.eval_shape(common_fwd, fl, other, c)                   # fills common_vjp
+    rare = lambda f: lambda fl, other, c: (f(fl, other, c),
+                                           [_zeros_like(t) for t in common_vjp[1]])
+    y, res = jax.lax.switch(index, [common_fwd] + [rare(f) for f in fns[1:]], fl, other, c)
+    return y, (index, fl, other, c, res)
+
+  def bwd(saved, g):
+    index, fl, other, c, res = saved
+    common = lambda fl, other, c, res: common_vjp[0].unflatten(res)(g)
+    rare = lambda f: lambda fl, other, c, res: jax.vjp(
+        lambda fl, c: f(fl, other, c), fl, c)[1](g)
+    d_fl, d_c = jax.lax.switch(index, [common] + [rare(f) for f in fns[1:]],
+                               fl, other, c, res)
+    return None, d_fl, [None] * len(other), d_c
+
+  run.defvjp(fwd, bwd)
+  split = lambda keep: [l for l, f in zip(leaves, floating) if f == keep]
+  return run(index, split(True), split(False), consts)
+
+
+def _zeros_like(aval):
+  """Zeros of aval's shape, dtype and varying mesh axes (shard_map's check_vma asks both
+  branches of a cond for the same)."""
+  z = jnp.zeros(aval.shape, aval.dtype)
+  varying = tuple(aval.manual_axis_type.varying)
+  return jax.lax.pcast(z, varying, to='varying') if varying else z
 
 
 def dropless_all_gather(x: jax.Array, plan: RoutingPlan, num_experts: int, ep: int,
@@ -213,10 +311,10 @@ def ragged_all_to_all_reference(operand, output, input_offsets, send_sizes,
 
 
 def dropless(transport: str, x: jax.Array, plan: RoutingPlan, num_experts: int, ep: int,
-             grouped_fn: GroupedFn, *, capacity_factor: float) -> jax.Array:
-  """The layer's exchange by `transport` (TRANSPORTS); capacity_factor sizes 'sized''s
-  buffers and is ignored by the others."""
-  kw = {'factor': capacity_factor} if transport == 'sized' else {}
+             grouped_fn: GroupedFn, *, capacity_factor: float, apply: Callable) -> jax.Array:
+  """The layer's exchange by `transport` (TRANSPORTS); 'sized' also takes the capacity
+  factor and the local experts' apply (dropless_sized), the others ignore them."""
+  kw = {'factor': capacity_factor, 'apply': apply} if transport == 'sized' else {}
   return DROPLESS[transport](x, plan, num_experts, ep, grouped_fn, **kw)
 
 

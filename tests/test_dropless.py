@@ -198,6 +198,7 @@ def _sharded_vs_single(shape, transport, k, variant, capacity_factor=1.25):
   got, want = _run(ep, x, ct), _run(ref, x, ct)
   _assert_same(got, want)
   assert float(got[1]['dropped_fraction']) == 0.0
+  return ref, x
 
 
 TRANSPORTS = ['all_to_all', 'all_gather', 'ragged_reference']
@@ -215,32 +216,84 @@ def test_dropless_expert_parallel_matches_single_device(transport, shape, k, var
   _sharded_vs_single(shape, transport, k, variant)
 
 
-@pytest.mark.parametrize('capacity_factor', [0.1, 1.25, 2.0])
-def test_sized_transport_matches_single_device_with_and_without_overflow(capacity_factor):
-  """'sized' sends buffers of ceil(cf * S*K/P) rows: at cf 0.1 (one row) every step
-  overflows into the worst-case exchange; at 2.0 (S rows, half of R) none does here. The
-  data axis of 2 makes two groups of the expert axis, each deciding for itself."""
-  _sharded_vs_single((2, 4), 'sized', 2, 'swiglu', capacity_factor)
+def _sized_branch(plan, capacity_factor, ep=4):
+  """The branch of 'sized' on each expert-axis group of `ep` devices (rows of plan
+  [G, S, K]): 0 nothing past capacity, i > 0 the spill in buffers of spill_rows[i-1]."""
+  expert, kept = np.asarray(plan.expert), np.asarray(plan.kept)
+  s, k = expert.shape[1:]
+  c = R.capacity(s, E, k, capacity_factor)
+  sizes = EP.spill_rows(E // ep * c, EP.worst_case_rows(s, k, E, ep))
+  branches = []
+  for devices in np.split(np.arange(expert.shape[0]), expert.shape[0] // ep):
+    need = max(np.maximum(np.bincount(expert[i][kept[i]], minlength=E) - c, 0)
+               .reshape(ep, -1).sum(1).max() for i in devices)         # per destination
+    branches.append(int(np.sum(need > np.array((0,) + sizes[:-1]))))
+  return branches
 
 
-def test_overflow_is_decided_over_the_whole_axis():
-  """Device 0 sends its 4 choices to device 0's experts (over a 3-row buffer), the others
-  spread theirs: every device of the axis sees the overflow; with 4 rows none does."""
+@pytest.mark.parametrize('capacity_factor,branch', [
+    pytest.param(0.5, 4, marks=pytest.mark.slow), pytest.param(1.0, 3, marks=pytest.mark.slow),
+    (1.25, 1), (2.0, 0)])
+def test_sized_transport_matches_single_device_at_each_branch(capacity_factor, branch):
+  """'sized' sends the choices that fit capacity's [E, C, D] buffers, C = ceil(cf *
+  S*K/E), and those past capacity (when a device has any) in buffers of the first of
+  spill_rows that holds them: equal to the single-device layer whichever it takes. The
+  data axis of 2 makes two groups of the expert axis, each deciding for itself (both
+  take the same branch here, counted from the plan: buffers of 8, 4 and 1 rows, and
+  none)."""
+  ref, x = _sharded_vs_single((2, 4), 'sized', 2, 'swiglu', capacity_factor)
+  plan, _ = ref.route(x)                                               # [G=8, S=8, K=2]
+  assert _sized_branch(plan, capacity_factor) == [branch, branch]
+
+
+def test_spill_rows_double_up_to_the_worst_case():
+  assert EP.spill_rows(160, 1024) == (40, 80, 160, 320, 640, 1024)
+  assert EP.spill_rows(2, 16) == (1, 2, 4, 8, 16)
+  assert EP.spill_rows(64, 16) == (16,)
+
+
+def test_spill_size_is_decided_over_the_whole_axis():
+  """Device 0 sends 4 choices to expert 0 over a 3-slot capacity: every device of the
+  axis sees one row past capacity for one destination; with 4 slots none. With 1 slot,
+  device 0's 3 past expert 0 and 1 past expert 1 both go to device 0 (experts 0-1)."""
   mesh = jax.make_mesh((4,), ('expert',), axis_types=(AxisType.Auto,))
   expert = np.tile(np.array([[0, 2], [4, 6]]), (4, 1, 1))                # [P, S=2, K=2]
-  expert[0] = [[0, 1], [0, 1]]                                           # all to device 0
-  kept = np.ones(expert.shape, bool)
+  expert[0] = [[0, 0], [0, 0]]
+  expert[1] = [[0, 1], [1, 7]]
 
-  def flags(rows):
-    plan = lambda e, k: R.RoutingPlan(expert=e, weight=jnp.ones(e.shape), slot=e, kept=k)
-    f = jax.shard_map(lambda e, k: EP.overflows(plan(e[0], k[0]), 8, 4, rows)[None],
-                      mesh=mesh, in_specs=(P('expert'), P('expert')), out_specs=P('expert'))
-    return np.asarray(f(jnp.asarray(expert), jnp.asarray(kept)))
+  def need(c):
+    plan = lambda e: R.RoutingPlan(expert=e, weight=jnp.ones(e.shape), slot=e,
+                                   kept=jnp.ones(e.shape, bool))
+    f = jax.shard_map(lambda e: EP.past_capacity(plan(e[0]), 8, 4, c)[2][None],
+                      mesh=mesh, in_specs=P('expert'), out_specs=P('expert'))
+    return np.asarray(f(jnp.asarray(expert)))
 
-  np.testing.assert_array_equal(flags(3), [True] * 4)
-  np.testing.assert_array_equal(flags(4), [False] * 4)
-  assert EP.sized_rows(tokens=2, k=2, num_experts=8, ep=4, factor=1.25) == 2
-  assert EP.sized_rows(tokens=2, k=2, num_experts=8, ep=4, factor=9.0) == 4   # R caps it
+  np.testing.assert_array_equal(need(3), [1] * 4)
+  np.testing.assert_array_equal(need(4), [0] * 4)
+  np.testing.assert_array_equal(need(1), [3] * 4)
+
+
+@pytest.mark.parametrize('index', [0, 1])
+def test_switch_keeping_residuals_is_lax_switch_with_its_gradients(index):
+  """Values and gradients (of an argument, of an array a branch closes over) equal
+  lax.switch's, integer arguments pass through undifferentiated; in the gradient's
+  program the common branch 0 (tanh) runs once, its backward reading saved residuals,
+  and branch 1 (sin) runs again in its backward, recomputed instead of saved."""
+  x, i = jnp.asarray([0.3, -1.2, 2.0]), jnp.asarray([2, 0, 1])
+  v, w = jnp.asarray([1.5, 0.25, -1.0]), jnp.asarray([0.5, -2.0, 3.0])
+
+  def loss(switch, x, v, w):
+    common = lambda x, i, v: jnp.tanh(x) * v[i] * w[i]                 # closes over w
+    rare = lambda x, i, v: jnp.sin(x * w[i]) ** 2
+    return jnp.sum(switch(jnp.asarray(index), [common, rare], x, i, v) ** 2)
+
+  grad = lambda switch: jax.value_and_grad(loss, argnums=(1, 2, 3))(switch, x, v, w)
+  got = grad(EP.switch_keeping_residuals)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(grad(jax.lax.switch))):
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+  text = str(jax.make_jaxpr(lambda x: grad(EP.switch_keeping_residuals))(x))
+  assert len(re.findall(r'= tanh\b', text)) == 1
+  assert len(re.findall(r'= sin\b', text)) == 2
 
 
 @pytest.mark.skipif(CPU, reason='XLA:CPU has no ragged_all_to_all; ragged_reference '
@@ -278,18 +331,21 @@ def _count(op, text):
 @pytest.mark.parametrize('shape', [pytest.param((1, 8), marks=pytest.mark.slow), (2, 4)])
 def test_dropless_transports_hold_the_documented_collectives(shape):
   """all_to_all: rows, their expert ids and the results, 3 all-to-alls; all_gather:
-  the tokens, expert ids and weights gathered, one reduce-scatter home; sized: as
-  all_to_all in each branch of one conditional. None gathers expert weights."""
+  the tokens, expert ids and weights gathered, one reduce-scatter home; sized: capacity's
+  two all-to-alls, then one conditional whose branches are nothing and the spill's
+  three in each buffer size. None gathers expert weights."""
   text = _forward_hlo(shape, 'all_to_all')
   assert _count('all-to-all', text) == 3
   assert _count('all-gather', text) == 0 and _count('reduce-scatter', text) == 0
   text = _forward_hlo(shape, 'all_gather')
   assert _count('all-to-all', text) == 0
   assert _count('all-gather', text) == 3 and _count('reduce-scatter', text) == 1
-  # sized: the overflow flag's all-reduce, then one of two 3-all-to-all branches.
+  # sized: the spill size is one all-reduce (max); S=8, K=2, C=3 per expert.
   text = _forward_hlo(shape, 'sized')
+  sizes = EP.spill_rows(E // shape[1] * 3, EP.worst_case_rows(8, 2, E, shape[1]))
   assert _count('all-reduce', text) == 1 and _count('conditional', text) == 1
-  assert _count('all-to-all', text) == 6 and _count('all-gather', text) == 0
+  assert _count('all-to-all', text) == 2 + 3 * len(sizes)
+  assert _count('all-gather', text) == 0
 
 
 @pytest.mark.parametrize('kwargs,words', [
