@@ -419,8 +419,8 @@ def test_moe_contains_non_finite_tokens_with_drops(dispatch, routing, k):
 
 @pytest.mark.slow
 @pytest.mark.parametrize('dispatch,transport', [
-    ('index', 'all_to_all'), ('einsum', 'all_to_all'), ('dropless', 'all_to_all'),
-    ('dropless', 'all_gather'), ('dropless', 'ragged_reference')])
+    ('index', 'all_to_all'), ('einsum', 'all_to_all'), ('dropless', 'sized'),
+    ('dropless', 'all_to_all'), ('dropless', 'all_gather'), ('dropless', 'ragged_reference')])
 def test_moe_contains_non_finite_tokens_on_a_mesh(dispatch, transport):
   """Expert parallelism (2 x 4): the capacity all_to_all and every dropless transport."""
   mesh = jax.make_mesh((2, 4), ('data', 'expert'),

@@ -96,7 +96,7 @@ def dropless_reference():
   return _trace(_config(**{'moe.dispatch': 'dropless'}))
 
 
-@pytest.mark.parametrize('transport', ['all_to_all',
+@pytest.mark.parametrize('transport', ['sized', 'all_to_all',
                                        pytest.param('all_gather', marks=pytest.mark.slow)])
 def test_dropless_trains_on_the_expert_axis(dropless_reference, transport):
   """moe.dispatch=dropless with mesh.expert=8 trains the trace of the data-parallel run,
