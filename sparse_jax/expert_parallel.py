@@ -9,7 +9,7 @@ send to another: a token's K choices are distinct experts).
 Capacity dispatch: `exchange` moves the [E, G*C, D] slot buffers, one all_to_all each way.
 
 Dropless dispatch, one semantics (every kept choice computed, outputs and gradients
-equal to the single-device layer) and three transports (TRANSPORTS):
+equal to the single-device layer) and four transports plus a reference (TRANSPORTS):
 
   'all_to_all'  each device sends every destination a buffer of R rows (the static
                 worst case, so nothing can overflow) and the rows' local expert ids;
@@ -41,7 +41,6 @@ equal to the single-device layer) and three transports (TRANSPORTS):
 from __future__ import annotations
 
 import functools
-import math
 from typing import Callable
 
 import jax
@@ -177,8 +176,9 @@ def switch_keeping_residuals(index: jax.Array, branches: list[Callable], *args):
 
   jax.lax.switch's own rule (jax 0.10) makes whichever branch runs return the residuals
   of every branch, zeros for the others: a 'sized' step that sends nothing past capacity
-  would allocate and fill the worst-case exchange's residuals too (about twice capacity
-  dispatch's time, bench_moe_layer.py).
+  would allocate and fill the spill exchanges' residuals too (a 'sized' built on
+  lax.cond's rule took 2.00x the capacity all-to-all's time, bench_moe_layer.py at
+  8c422ab).
 
   The floating leaves of args are differentiated, the others (integer routing) are not.
   The branches may close over floating arrays (expert weights), never over integer
@@ -234,8 +234,8 @@ def switch_keeping_residuals(index: jax.Array, branches: list[Callable], *args):
 
 
 def _zeros_like(aval):
-  """Zeros of aval's shape, dtype and varying mesh axes (shard_map's check_vma asks both
-  branches of a cond for the same)."""
+  """Zeros of aval's shape, dtype and varying mesh axes (shard_map's check_vma asks every
+  branch of a switch for the same)."""
   z = jnp.zeros(aval.shape, aval.dtype)
   varying = tuple(aval.manual_axis_type.varying)
   return jax.lax.pcast(z, varying, to='varying') if varying else z
