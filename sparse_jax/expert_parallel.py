@@ -48,6 +48,7 @@ import jax.numpy as jnp
 
 from sparse_jax import dispatch as dispatch_lib
 from sparse_jax.routing import RoutingPlan, capacity, queue_positions
+from sparse_jax.sharding import vary, varying_axes
 
 TRANSPORTS = ('all_to_all', 'sized', 'all_gather', 'ragged', 'ragged_reference')
 AXIS = 'expert'
@@ -236,9 +237,7 @@ def switch_keeping_residuals(index: jax.Array, branches: list[Callable], *args):
 def _zeros_like(aval):
   """Zeros of aval's shape, dtype and varying mesh axes (shard_map's check_vma asks every
   branch of a switch for the same)."""
-  z = jnp.zeros(aval.shape, aval.dtype)
-  varying = tuple(aval.manual_axis_type.varying)
-  return jax.lax.pcast(z, varying, to='varying') if varying else z
+  return vary(jnp.zeros(aval.shape, aval.dtype), varying_axes(aval))
 
 
 def dropless_all_gather(x: jax.Array, plan: RoutingPlan, num_experts: int, ep: int,

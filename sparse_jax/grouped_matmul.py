@@ -24,6 +24,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from sparse_jax.sharding import vary, varying_axes
+
 GROUPED_MATMULS = ('blocked', 'ragged_dot')
 
 
@@ -49,24 +51,14 @@ def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *,
   # Inside shard_map all operands must vary over the same mesh axes, so that the loop
   # carries type-check and w's cotangent (summed over the others by pcast's transpose)
   # keeps w's type.
-  axes = _vma(x) | _vma(w) | _vma(group_sizes)
-  x, w, group_sizes = (_vary(a, axes) for a in (x, w, group_sizes))
+  axes = varying_axes(x) | varying_axes(w) | varying_axes(group_sizes)
+  x, w, group_sizes = (vary(a, axes) for a in (x, w, group_sizes))
   return _blocked(x, w, group_sizes.astype(jnp.int32), block_size)
-
-
-def _vma(a) -> frozenset:
-  """The manual mesh axes `a` varies over inside shard_map (empty outside)."""
-  return frozenset(jax.typeof(a).manual_axis_type.varying)
-
-
-def _vary(a, axes):
-  missing = tuple(sorted(axes - _vma(a)))
-  return jax.lax.pcast(a, missing, to='varying') if missing else a
 
 
 def _zeros(shape, dtype, like):
   """Zeros varying over the mesh axes `like` varies over (a loop carry must match)."""
-  return _vary(jnp.zeros(shape, dtype), _vma(like))
+  return vary(jnp.zeros(shape, dtype), varying_axes(like))
 
 
 # ---------------------------------------------------------------------------- blocked

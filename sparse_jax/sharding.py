@@ -176,6 +176,20 @@ def bytes_per_device(tree) -> int:
   return max(per_device.values(), default=0)
 
 
+def varying_axes(a) -> frozenset:
+  """The manual mesh axes an array (or an array type) varies over inside shard_map; empty
+  outside it."""
+  t = a if isinstance(a, jax.core.ShapedArray) else jax.typeof(a)
+  return frozenset(t.manual_axis_type.varying)
+
+
+def vary(a: jax.Array, axes) -> jax.Array:
+  """`a` made to vary over `axes` too: inside shard_map, a loop's carries and a cond's
+  branch outputs must agree on the axes they vary over."""
+  missing = tuple(sorted(frozenset(axes) - varying_axes(a)))
+  return jax.lax.pcast(a, missing, to='varying') if missing else a
+
+
 def put_params(module: nnx.Module, mesh: Mesh) -> None:
   """Move a module's variables onto the mesh, following their partition metadata."""
   state = nnx.state(module)
