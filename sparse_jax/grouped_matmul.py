@@ -1,21 +1,28 @@
-"""Grouped matmul: rows sorted by expert, each group against its own weight matrix.
+"""Grouped matmul and grouped FFN: rows sorted by expert, each group against its own weights.
 
 Shape legend: N rows, E experts (groups), D and F the contracted and produced widths.
 
   grouped_matmul(x [N, D], w [E, D, F], group_sizes i32[E]) -> [N, F]
     rows group_sizes[0] first use w[0], the next group_sizes[1] use w[1], ...;
     rows past sum(group_sizes) are 0.
+  grouped_ffn(w {name: [E, ...]}, x [N, D], group_sizes, activation) -> [N, D]
+    the FFN rule (layers.ffn) on each group's rows with its expert's weights; rows past
+    sum(group_sizes) are 0. The dropless paths' expert computation.
 
-Two implementations of the same function:
+Two implementations of each:
 
   'blocked'     a loop over each expert's rows in windows of 8, 4, 2 and 1 times
-                `block_size` rows: a plain [window, D] x [D, F] matmul each. The work is
-                the rows plus at most block_size - 1 per expert. Forward and backward are
-                loops of plain matmuls (custom VJP: no scatter, deterministic), which
-                XLA:CPU runs at close to the speed of one large matmul
+                `block_size` rows: plain [window, D] x [D, F] matmuls each, and for the
+                FFN the activation and the output matmul in the same window. The work,
+                elementwise included, is the rows plus at most block_size - 1 per expert,
+                whatever N is: the buffers the expert-parallel transports receive hold
+                many empty rows, which cost nothing here. Forward and backward are loops
+                of plain matmuls (custom VJP: no scatter, deterministic), which XLA:CPU
+                runs at close to the speed of one large matmul
                 (experiments/bench_moe_layer.py).
-  'ragged_dot'  jax.lax.ragged_dot, the accelerators' grouped-matmul primitive. XLA:CPU
-                has no fast kernel for it (about 8x a dense matmul of the same FLOPs).
+  'ragged_dot'  jax.lax.ragged_dot, the accelerators' grouped-matmul primitive (the FFN:
+                layers.ffn with it as the matmul). XLA:CPU has no fast kernel for it
+                (about 8x a dense matmul of the same FLOPs).
 """
 from __future__ import annotations
 
@@ -24,6 +31,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from sparse_jax.layers import activate, ffn, ffn_weight_names
 from sparse_jax.sharding import vary, varying_axes
 
 GROUPED_MATMULS = ('blocked', 'ragged_dot')
@@ -48,12 +56,27 @@ def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *,
   """x [N, D] sorted by group, w [E, D, F], group_sizes i32[E] -> [N, F] in x's dtype."""
   if impl == 'ragged_dot':
     return jax.lax.ragged_dot(x, w, group_sizes)
-  # Inside shard_map all operands must vary over the same mesh axes, so that the loop
-  # carries type-check and w's cotangent (summed over the others by pcast's transpose)
-  # keeps w's type.
-  axes = varying_axes(x) | varying_axes(w) | varying_axes(group_sizes)
-  x, w, group_sizes = (vary(a, axes) for a in (x, w, group_sizes))
-  return _blocked(x, w, group_sizes.astype(jnp.int32), block_size)
+  return _blocked(*_same_axes(x, (w,), None, group_sizes), block_size, None)
+
+
+def grouped_ffn(w: dict[str, jax.Array], x: jax.Array, group_sizes: jax.Array, *,
+                activation: str, impl: str = 'blocked', block_size: int = 64) -> jax.Array:
+  """layers.ffn per group: x [N, D] sorted by group, w {wi, [wi_gate,] wo: [E, ...]},
+  group_sizes i32[E] -> [N, D] in x's dtype."""
+  if impl == 'ragged_dot':
+    return ffn(w, x, activation, matmul=lambda x, w: jax.lax.ragged_dot(x, w, group_sizes))
+  w_in = tuple(w[n] for n in ffn_weight_names(activation) if n != 'wo')
+  return _blocked(*_same_axes(x, w_in, w['wo'], group_sizes), block_size, activation)
+
+
+def _same_axes(x, w_in, w_out, group_sizes):
+  """Inside shard_map all operands must vary over the same mesh axes, so that the loop
+  carries type-check and the weights' cotangents (summed over the others by pcast's
+  transpose) keep the weights' types."""
+  arrays = (x, *w_in, group_sizes) + (() if w_out is None else (w_out,))
+  axes = frozenset().union(*(varying_axes(a) for a in arrays))
+  v = lambda a: None if a is None else vary(a, axes)
+  return v(x), tuple(map(v, w_in)), v(w_out), v(group_sizes).astype(jnp.int32)
 
 
 def _zeros(shape, dtype, like):
@@ -95,68 +118,103 @@ def _fold_group(start, end, n_rows, sizes, body, carry):
   return jax.lax.fori_loop(0, (end > start).astype(jnp.int32), last, carry)
 
 
+def _for_each_window(x, group_sizes, block, per_group, body, carry):
+  """fori over groups e: args = per_group(e); then body(carry, args, where, size, mine)
+  over the windows of e's rows (_fold_group)."""
+  n, sizes, ends = x.shape[0], _window_sizes(block, x.shape[0]), jnp.cumsum(group_sizes)
+
+  def group(e, carry):
+    args = per_group(e)
+    return _fold_group(ends[e] - group_sizes[e], ends[e], n, sizes,
+                       lambda c, where, size, mine: body(c, e, args, where, size, mine), carry)
+
+  return jax.lax.fori_loop(0, group_sizes.shape[0], group, carry)
+
+
 def _rows(a, where, size):
   return jax.lax.dynamic_slice_in_dim(a, where, size, 0)
 
 
-def _per_group_matmul(x, w, group_sizes, block, *, transpose_w=False):
-  """out[rows of group e] = x[rows] @ w[e] (or @ w[e].T); rows past sum(group_sizes)
-  stay 0. The transpose is folded into the contraction (a transposed copy of w costs
-  XLA:CPU more than the matmul saves)."""
-  n, sizes, ends = x.shape[0], _window_sizes(block, x.shape[0]), jnp.cumsum(group_sizes)
-  contract = (((1,), (1 if transpose_w else 0,)), ((), ()))
-
-  def per_group(e, out):
-    we = w[e].astype(x.dtype)                  # once per group, not once per window
-
-    def body(out, where, size, mine):
-      y = jax.lax.dot_general(_rows(x, where, size), we, contract)
-      if mine is not None:
-        y = jnp.where(mine, y, _rows(out, where, size))
-      return jax.lax.dynamic_update_slice_in_dim(out, y, where, 0)
-
-    return _fold_group(ends[e] - group_sizes[e], ends[e], n, sizes, body, out)
-
-  out = _zeros((n, w.shape[1 if transpose_w else 2]), x.dtype, x)
-  return jax.lax.fori_loop(0, group_sizes.shape[0], per_group, out)
+def _put(a, value, where, mine):
+  """a with rows [where, where + size) set to value, only where `mine` (None: all)."""
+  if mine is not None:
+    value = jnp.where(mine, value, _rows(a, where, value.shape[0]))
+  return jax.lax.dynamic_update_slice_in_dim(a, value, where, 0)
 
 
-def _per_group_outer(x, dy, group_sizes, block):
-  """dw[e] = x[rows of e]^T dy[rows of e] in float32: x [N, D], dy [N, F] -> [E, D, F]."""
-  n, sizes, ends = x.shape[0], _window_sizes(block, x.shape[0]), jnp.cumsum(group_sizes)
-
-  xt = x.T           # [D, N]: XLA:CPU contracts [D, rows] @ [rows, F] faster than x^T dy
-
-  def body(acc, where, size, mine):
-    xb, gb = jax.lax.dynamic_slice_in_dim(xt, where, size, 1), _rows(dy, where, size)
-    if mine is not None:
-      gb = jnp.where(mine, gb, 0)
-    return acc + jnp.matmul(xb, gb, preferred_element_type=jnp.float32)
-
-  def per_group(e, dw):
-    acc = _fold_group(ends[e] - group_sizes[e], ends[e], n, sizes, body,
-                      _zeros(dw.shape[1:], jnp.float32, x))
-    return dw.at[e].set(acc)
-
-  dw = _zeros((group_sizes.shape[0], x.shape[1], dy.shape[1]), jnp.float32, x)
-  return jax.lax.fori_loop(0, group_sizes.shape[0], per_group, dw)
+def _dot(a, b, contract_b=0):
+  """a [n, K] contracted with b's axis contract_b (0: a @ b; 1: a @ b.T, the transpose
+  folded into the contraction, which XLA:CPU does faster than a transposed copy)."""
+  return jax.lax.dot_general(a, b, (((1,), (contract_b,)), ((), ())))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _blocked(x, w, group_sizes, block):
-  return _per_group_matmul(x, w, group_sizes, block)
+def _expert(w_in, w_out, e, dtype):
+  cast = lambda w: w[e].astype(dtype)                  # once per group, not once per window
+  return tuple(map(cast, w_in)), None if w_out is None else cast(w_out)
 
 
-def _blocked_fwd(x, w, group_sizes, block):
-  return _blocked(x, w, group_sizes, block), (x, w, group_sizes)
+def _add_at(a, e, value):
+  """a[e] += value, as a slice update (in place in the loop) rather than a scatter."""
+  return jax.lax.dynamic_update_index_in_dim(
+      a, jax.lax.dynamic_index_in_dim(a, e, 0, keepdims=False) + value, e, 0)
 
 
-def _blocked_bwd(block, res, dy):
-  x, w, group_sizes = res
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _blocked(x, w_in, w_out, group_sizes, block, activation):
+  """x @ w_in[0] per group (activation None: w_out is None), or the FFN
+  activate(x @ w_in...) @ w_out per group. Residuals: the inputs only."""
+  return _blocked_fwd(x, w_in, w_out, group_sizes, block, activation)[0]
+
+
+def _blocked_fwd(x, w_in, w_out, group_sizes, block, activation):
+  ffn_ = w_out is not None
+
+  def body(out, e, weights, where, size, mine):
+    wi, wo = weights
+    p = tuple(_dot(_rows(x, where, size), w) for w in wi)
+    return _put(out, _dot(activate(activation, *p), wo) if ffn_ else p[0], where, mine)
+
+  out = _zeros((x.shape[0], (w_out if ffn_ else w_in[0]).shape[-1]), x.dtype, x)
+  out = _for_each_window(x, group_sizes, block,
+                         lambda e: _expert(w_in, w_out, e, x.dtype), body, out)
+  return out, (x, w_in, w_out, group_sizes)
+
+
+def _blocked_bwd(block, activation, res, dy):
+  x, w_in, w_out, group_sizes = res
+  ffn_ = w_out is not None
   dy = dy.astype(x.dtype)
-  dx = _per_group_matmul(dy, w, group_sizes, block, transpose_w=True)
-  dw = _per_group_outer(x, dy, group_sizes, block)
-  return dx, dw.astype(w.dtype), None
+  xt = x.T           # [D, N]: XLA:CPU contracts [D, rows] @ [rows, F] faster than x^T dy
+  f32 = lambda shape: _zeros(shape, jnp.float32, x)
+
+  def body(carry, e, weights, where, size, mine):
+    dx, d_in, d_out = carry
+    wi, wo = weights
+    g = _rows(dy, where, size)
+    if mine is not None:
+      g = jnp.where(mine, g, 0)
+    if ffn_:
+      # The pre-activations are recomputed, not saved: writing them to an [N, F]
+      # residual costs XLA:CPU more than the matmul (and N may be mostly empty rows).
+      h, act_vjp = jax.vjp(lambda *p: activate(activation, *p),
+                           *(_dot(_rows(x, where, size), w) for w in wi))
+      d_out = _add_at(d_out, e, jax.lax.dot_general(
+          h, g, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32))
+      dp = act_vjp(_dot(g, wo, 1))
+    else:
+      dp = (g,)
+    dx = _put(dx, sum(_dot(d, w, 1) for d, w in zip(dp, wi)), where, mine)
+    xb = jax.lax.dynamic_slice_in_dim(xt, where, size, 1)
+    d_in = tuple(_add_at(a, e, jnp.matmul(xb, d, preferred_element_type=jnp.float32))
+                 for a, d in zip(d_in, dp))
+    return dx, d_in, d_out
+
+  carry = (_zeros(x.shape, x.dtype, x), tuple(f32(w.shape) for w in w_in),
+           f32(w_out.shape) if ffn_ else None)
+  dx, d_in, d_out = _for_each_window(x, group_sizes, block,
+                                     lambda e: _expert(w_in, w_out, e, x.dtype), body, carry)
+  return (dx, tuple(d.astype(w.dtype) for d, w in zip(d_in, w_in)),
+          d_out.astype(w_out.dtype) if ffn_ else None, None)
 
 
 _blocked.defvjp(_blocked_fwd, _blocked_bwd)

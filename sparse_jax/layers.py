@@ -69,15 +69,18 @@ def _matmul(x, w):
 
 def ffn_hidden(w: dict[str, jax.Array], x: jax.Array, activation: str,
                matmul: Callable = _matmul) -> jax.Array:
-  """The hidden units that multiply wo. x [N, D] -> [N, F], in x's dtype.
+  """The hidden units that multiply wo, activate(x @ wi[, x @ wi_gate]). x [N, D] ->
+  [N, F], in x's dtype. `matmul(x, w)` lets the dropless path use a grouped matmul."""
+  return activate(activation, *(matmul(x, as_compute(w[n], x))
+                                 for n in ffn_weight_names(activation) if n != 'wo'))
 
-  act(x @ wi) for gelu (jax.nn.gelu's default approximation) and relu;
-  silu(x @ wi_gate) * (x @ wi) for swiglu. `matmul(x, w)` lets the dropless path use a
-  grouped matmul with the same rule.
-  """
-  h = matmul(x, as_compute(w['wi'], x))
+
+def activate(activation: str, h: jax.Array, gate: jax.Array | None = None) -> jax.Array:
+  """The hidden units from the pre-activations h = x @ wi (and gate = x @ wi_gate for
+  swiglu), elementwise: gelu(h) (jax.nn.gelu's default approximation), relu(h), or
+  silu(gate) * h."""
   if activation == 'swiglu':
-    return jax.nn.silu(matmul(x, as_compute(w['wi_gate'], x))) * h
+    return jax.nn.silu(gate) * h
   return {'gelu': jax.nn.gelu, 'relu': jax.nn.relu}[activation](h)
 
 

@@ -78,8 +78,8 @@ class Experts(nnx.Module):
 
   compute: 'loop' (one plain matmul per expert) or 'batched' (one batched matmul); both
   give the same function, and default_expert_compute() picks per platform.
-  grouped_matmul, block_size: the dropless backend's grouped matmul (grouped_matmul.py;
-  default_grouped_matmul() picks per platform).
+  grouped_matmul, block_size: how the dropless backend runs the experts on rows sorted
+  by expert (grouped_matmul.grouped_ffn; default_grouped_matmul() picks per platform).
 
   To add an expert type, subclass and override `weights` and `apply` (and
   `grouped_apply` for the dropless backend): both are pure functions of `weights()`,
@@ -124,9 +124,8 @@ class Experts(nnx.Module):
   def grouped_apply(self, w: dict[str, jax.Array], x: jax.Array,
                     group_sizes: jax.Array) -> jax.Array:
     """x [N, D] sorted by expert, group_sizes i32[E] -> [N, D] (rows past the groups: 0)."""
-    matmul = functools.partial(gmm_lib.grouped_matmul, group_sizes=group_sizes,
+    return gmm_lib.grouped_ffn(w, x, group_sizes, activation=self.activation,
                                impl=self.grouped_matmul, block_size=self.block_size)
-    return ffn(w, x, self.activation, matmul=matmul)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,7 +13,7 @@ import sparse_jax as sj
 from sparse_jax import dispatch as DP
 from sparse_jax import expert_parallel as EP
 from sparse_jax import routing as R
-from sparse_jax.grouped_matmul import GROUPED_MATMULS, grouped_matmul
+from sparse_jax.grouped_matmul import GROUPED_MATMULS, grouped_ffn, grouped_matmul
 
 B, L, D, F, E = 8, 8, 16, 32, 8
 MESHES = [(1, 8), (2, 4), (4, 2), (8, 1)]
@@ -66,6 +66,43 @@ def test_grouped_matmul_matches_numpy_with_gradients(impl, sizes, block):
   np.testing.assert_allclose(gx, want_gx, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(gw, want_gw, rtol=1e-5, atol=1e-5)
   assert (np.asarray(gx)[used:] == 0).all()
+
+
+@pytest.mark.parametrize('impl', GROUPED_MATMULS)
+@pytest.mark.parametrize('activation', sj.layers.ACTIVATIONS)
+@pytest.mark.parametrize('sizes', [SIZES[0], SIZES[2], (0, 3, 0, 2)])
+def test_grouped_ffn_is_the_ffn_rule_per_group_with_gradients(impl, activation, sizes):
+  """grouped_ffn equals layers.ffn run on each group's rows with that expert's weights
+  (rows past the groups: 0), outputs and the gradients of x and every weight; 'blocked'
+  recomputes the pre-activations in its backward and touches no row past the groups,
+  so the many empty rows of a transport's receive buffer (the last case: 20 of 25)
+  cost nothing and get no gradient."""
+  n, d, f, block = 25, 6, 5, 4
+  r = np.random.default_rng(sum(sizes))
+  names = sj.layers.ffn_weight_names(activation)
+  w = {m: jnp.asarray(r.normal(size=(4, f, d) if m == 'wo' else (4, d, f)), jnp.float32)
+       for m in names}
+  x = jnp.asarray(r.normal(size=(n, d)), jnp.float32)
+  ct = jnp.asarray(r.normal(size=(n, d)), jnp.float32)
+  gs = jnp.asarray(sizes, jnp.int32)
+
+  def reference(w, x):
+    out, row = [], 0
+    for g, m in enumerate(sizes):
+      out.append(sj.layers.ffn({k: v[g] for k, v in w.items()}, x[row:row + m], activation))
+      row += m
+    return jnp.concatenate(out + [jnp.zeros((n - row, d))])
+
+  run = lambda w, x: grouped_ffn(w, x, gs, activation=activation, impl=impl,
+                                 block_size=block)
+  loss = lambda fn: jax.jit(jax.value_and_grad(lambda w, x: jnp.sum(fn(w, x) * ct),
+                                               argnums=(0, 1)))
+  np.testing.assert_allclose(jax.jit(run)(w, x), reference(w, x), rtol=1e-5, atol=1e-5)
+  (_, (got_w, got_x)), (_, (want_w, want_x)) = loss(run)(w, x), loss(reference)(w, x)
+  np.testing.assert_allclose(got_x, want_x, rtol=1e-5, atol=1e-5)
+  for m in names:
+    np.testing.assert_allclose(got_w[m], want_w[m], rtol=1e-5, atol=1e-5, err_msg=m)
+  assert (np.asarray(got_x)[sum(sizes):] == 0).all()
 
 
 def test_grouped_matmul_errors_name_the_value():
