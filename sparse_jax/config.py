@@ -100,8 +100,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.moe.expert_compute = 'auto'  # auto (loop on CPU, batched elsewhere) | loop | batched
   c.moe.grouped_matmul = 'auto'  # dropless: auto (blocked on CPU, ragged_dot elsewhere)
   c.moe.block_size = 64          #   | blocked | ragged_dot; rows per blocked window
-  c.moe.ep_transport = 'sized'  # dropless over mesh.expert > 1: sized | all_to_all |
-                                #   all_gather | ragged (not on CPU) | ragged_reference
+  c.moe.ep_transport = 'all_to_all'  # dropless over mesh.expert > 1: all_to_all | sized |
+                                     #   all_gather | ragged (not on CPU) | ragged_reference
   c.moe.load_balance_coef = 0.01
   c.moe.z_loss_coef = 1e-3
   # Renormalise the K combine weights; None -> k >= 2 (True turns k=1 weights into 1).

@@ -60,8 +60,8 @@ def check_transport(transport: str, platform: str) -> None:
     raise ValueError(f'ep_transport={transport!r} is unknown; use one of {TRANSPORTS}.')
   if transport == 'ragged' and platform == 'cpu':
     raise ValueError("ep_transport='ragged' needs jax.lax.ragged_all_to_all, which XLA:CPU "
-                     "does not implement; use ep_transport='sized' (the default), 'all_to_all' or "
-                     "'all_gather'.")
+                     "does not implement; use ep_transport='all_to_all' (the default), 'sized' "
+                     "or 'all_gather'.")
 
 
 # --------------------------------------------------------------------------- capacity

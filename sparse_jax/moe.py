@@ -236,10 +236,10 @@ class MoE(nnx.Module):
     expert_compute: 'loop' | 'batched' | None (default_expert_compute()).
     grouped_matmul, block_size: the dropless grouped matmul, 'blocked' | 'ragged_dot' |
       None (grouped_matmul.default_grouped_matmul()), and the blocked one's window rows.
-    ep_transport: how dropless dispatch moves rows over an expert axis > 1: 'sized'
-      (default: capacity dispatch at capacity_factor, and the choices past capacity in
-      one more exchange sized to them) | 'all_to_all' | 'all_gather' | 'ragged' |
-      'ragged_reference' (see expert_parallel.py). Capacity dispatch always uses one
+    ep_transport: how dropless dispatch moves rows over an expert axis > 1:
+      'all_to_all' (default: worst-case buffers) | 'sized' (capacity dispatch at
+      capacity_factor, and the choices past capacity in one more exchange sized to
+      them) | 'all_gather' | 'ragged' | 'ragged_reference' (see expert_parallel.py). Capacity dispatch always uses one
       all_to_all each way.
     router, experts: modules to use instead of the defaults (docs/extending.md).
 
@@ -270,7 +270,7 @@ class MoE(nnx.Module):
                router_init_scale: float | None = None, shared_d_ff: int | None = None,
                param_dtype=jnp.float32, expert_compute: str | None = None,
                grouped_matmul: str | None = None, block_size: int = 64,
-               ep_transport: str = 'sized', shared_gate: bool = False,
+               ep_transport: str = 'all_to_all', shared_gate: bool = False,
                router_score: str = 'softmax', n_group: int = 1, topk_group: int = 1,
                routed_scale: float = 1.0, router: nnx.Module | None = None, experts: nnx.Module | None = None):
     rngs = nnx.Rngs(0) if rngs is None else rngs
