@@ -194,8 +194,9 @@ def _blocked_bwd(block, activation, res, dy):
     if mine is not None:
       g = jnp.where(mine, g, 0)
     if ffn_:
-      # The pre-activations are recomputed, not saved: writing them to an [N, F]
-      # residual costs XLA:CPU more than the matmul (and N may be mostly empty rows).
+      # Recomputed, not saved: an [N, F] residual would be filled for every row, and a
+      # transport's receive buffer is mostly empty rows (saving cost 1.4x at 8x empty
+      # rows, D=256; on one device at D=512 it was about 10% faster).
       h, act_vjp = jax.vjp(lambda *p: activate(activation, *p),
                            *(_dot(_rows(x, where, size), w) for w in wi))
       d_out = _add_at(d_out, e, jax.lax.dot_general(

@@ -234,13 +234,14 @@ class MoE(nnx.Module):
       group-limited selection (routing.limit_groups; 1, 1 is none); routed_scale: a
       factor on the combine weights (DeepSeek-V3: sigmoid, 8 groups, 4 kept, 2.5).
     expert_compute: 'loop' | 'batched' | None (default_expert_compute()).
-    grouped_matmul, block_size: the dropless grouped matmul, 'blocked' | 'ragged_dot' |
-      None (grouped_matmul.default_grouped_matmul()), and the blocked one's window rows.
+    grouped_matmul, block_size: how dropless runs the experts (grouped_matmul.grouped_ffn),
+      'blocked' | 'ragged_dot' | None (grouped_matmul.default_grouped_matmul()), and the
+      blocked one's window rows.
     ep_transport: how dropless dispatch moves rows over an expert axis > 1:
       'all_to_all' (default: worst-case buffers) | 'sized' (capacity dispatch at
       capacity_factor, and the choices past capacity in one more exchange sized to
-      them) | 'all_gather' | 'ragged' | 'ragged_reference' (see expert_parallel.py). Capacity dispatch always uses one
-      all_to_all each way.
+      them) | 'all_gather' | 'ragged' | 'ragged_reference' (see expert_parallel.py).
+      Capacity dispatch always uses one all_to_all each way.
     router, experts: modules to use instead of the defaults (docs/extending.md).
 
   aux (all float32, statistics over the global batch): router_z_loss,

@@ -78,10 +78,9 @@ FFN_CASES = [pytest.param(impl, act, sizes, marks=() if (impl, sizes) == ('block
 @pytest.mark.parametrize('impl, activation, sizes', FFN_CASES)
 def test_grouped_ffn_is_the_ffn_rule_per_group_with_gradients(impl, activation, sizes):
   """grouped_ffn equals layers.ffn run on each group's rows with that expert's weights
-  (rows past the groups: 0), outputs and the gradients of x and every weight; 'blocked'
-  recomputes the pre-activations in its backward and touches no row past the groups,
-  so the many empty rows of a transport's receive buffer (the last case: 20 of 25)
-  cost nothing and get no gradient."""
+  (rows past the groups: 0), outputs and the gradients of x and every weight ('blocked'
+  recomputes the pre-activations in its backward). Rows past the groups, most of a
+  transport's receive buffer (the last case: 20 of 25), get no gradient."""
   n, d, f, block = 25, 6, 5, 4
   r = np.random.default_rng(sum(sizes))
   names = sj.layers.ffn_weight_names(activation)
