@@ -87,11 +87,16 @@ def _zeros(shape, dtype, like):
 # ---------------------------------------------------------------------------- blocked
 
 def _window_sizes(block: int, n: int) -> tuple[int, ...]:
-  """Window sizes, largest first: 8, 4, 2 and 1 times block, none larger than the n rows
-  there are. A group's rows go through as many 8-block windows as fit, then at most one
-  of each smaller size (few, large matmuls), and one last masked block-row window (at
-  most block - 1 wasted rows per group)."""
-  return tuple(sorted({min(block << j, n) for j in range(4)}, reverse=True))
+  """Window sizes, largest first: 8, 4, 2 and 1 times block, none larger than half the
+  n rows there are. A group's rows go through as many of the largest windows as fit,
+  then at most one of each smaller size (few, large matmuls), and one last masked
+  window of the smallest size (at most that size - 1 wasted rows per group).
+
+  A window of all n rows would be the whole buffer, the same in every iteration, and
+  XLA (jax 0.10.2) hoists such loop-invariant matmuls out of their loop, so they ran
+  on every row of the buffer even when no group had a row."""
+  cap = max(1, n // 2)
+  return tuple(sorted({min(block << j, cap) for j in range(4)}, reverse=True))
 
 
 def _fold_group(start, end, n_rows, sizes, body, carry):
@@ -110,8 +115,10 @@ def _fold_group(start, end, n_rows, sizes, body, carry):
     start = start + count * size
   size = sizes[-1]
 
-  def last(_, c):
-    where = jnp.minimum(start, n_rows - size)
+  def last(i, c):
+    # + i (always 0): a window that does not depend on the loop index would be hoisted
+    # out of this loop of 0 or 1 iterations and computed for empty groups too.
+    where = jnp.minimum(start + i, n_rows - size)
     rows = where + jnp.arange(size)
     return body(c, where, size, ((rows >= start) & (rows < end))[:, None])
 
