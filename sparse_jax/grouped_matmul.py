@@ -93,8 +93,9 @@ def _window_sizes(block: int, n: int) -> tuple[int, ...]:
   window of the smallest size (at most that size - 1 wasted rows per group).
 
   A window of all n rows would be the whole buffer, the same in every iteration, and
-  XLA (jax 0.10.2) hoists such loop-invariant matmuls out of their loop, so they ran
-  on every row of the buffer even when no group had a row."""
+  XLA's while-loop invariant code motion (jax 0.10.2; no upstream issue tracks it)
+  hoists such matmuls out of their loop, so they ran on every row of the buffer even
+  when no group had a row (tests/test_dropless.py checks the compiled module)."""
   cap = max(1, n // 2)
   return tuple(sorted({min(block << j, cap) for j in range(4)}, reverse=True))
 
