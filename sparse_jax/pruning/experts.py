@@ -24,6 +24,7 @@ from sparse_jax.layers import ffn
 from sparse_jax.models import layout, relayout
 from sparse_jax.moe import MoE
 from sparse_jax.pruning.masking import check_finite
+from sparse_jax.pruning.post_training import block_inputs, block_output
 
 SCORES = ('frequency', 'reap', 'reconstruction')
 
@@ -68,8 +69,8 @@ def moe_inputs(model, tokens):
   x = jnp.take(model.embed[...], tokens, axis=0).astype(model.dtype)
   for i, block in enumerate(model.blocks):
     if isinstance(block.ffn, MoE):
-      out[i] = (block.ffn, block.inputs(x)[2])
-    x, _ = block(x, train=False)
+      out[i] = (block.ffn, block_inputs(block, x)[2])
+    x = block_output(block, x)
   return out
 
 
