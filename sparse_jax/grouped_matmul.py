@@ -7,7 +7,9 @@ Shape legend: N rows, E experts (groups), D and F the contracted and produced wi
     rows past sum(group_sizes) are 0.
   grouped_ffn(w {name: [E, ...]}, x [N, D], group_sizes, activation) -> [N, D]
     the FFN rule (layers.ffn) on each group's rows with its expert's weights; rows past
-    sum(group_sizes) are 0. The dropless paths' expert computation.
+    sum(group_sizes) are 0. The dropless paths' expert computation. keep_hidden: whether
+    the backward reads the pre-activations [N, F] saved by the forward or recomputes
+    them (below).
 
 Two implementations of each:
 
@@ -19,7 +21,12 @@ Two implementations of each:
                 many empty rows, which cost nothing here. Forward and backward are loops
                 of plain matmuls (custom VJP: no scatter, deterministic), which XLA:CPU
                 runs at close to the speed of one large matmul
-                (experiments/bench_moe_layer.py).
+                (experiments/bench_moe_layer.py). The backward recomputes the
+                pre-activations unless asked to keep them (keep_hidden): keeping them
+                saves one matmul of seven where the buffer's rows are mostly filled (one
+                device's sorted choices), but fills and carries an [N, F] residual,
+                which costs more than the matmul where most rows are empty (a
+                transport's receive buffer; docs/expert-parallelism.md has both).
   'ragged_dot'  jax.lax.ragged_dot, the accelerators' grouped-matmul primitive (the FFN:
                 layers.ffn with it as the matmul). XLA:CPU has no fast kernel for it
                 (about 8x a dense matmul of the same FLOPs).
@@ -56,17 +63,21 @@ def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *,
   """x [N, D] sorted by group, w [E, D, F], group_sizes i32[E] -> [N, F] in x's dtype."""
   if impl == 'ragged_dot':
     return jax.lax.ragged_dot(x, w, group_sizes)
-  return _blocked(*_same_axes(x, (w,), None, group_sizes), block_size, None)
+  return _blocked(*_same_axes(x, (w,), None, group_sizes), block_size, None, False)
 
 
 def grouped_ffn(w: dict[str, jax.Array], x: jax.Array, group_sizes: jax.Array, *,
-                activation: str, impl: str = 'blocked', block_size: int = 64) -> jax.Array:
+                activation: str, impl: str = 'blocked', block_size: int = 64,
+                keep_hidden: bool = False) -> jax.Array:
   """layers.ffn per group: x [N, D] sorted by group, w {wi, [wi_gate,] wo: [E, ...]},
-  group_sizes i32[E] -> [N, D] in x's dtype."""
+  group_sizes i32[E] -> [N, D] in x's dtype. keep_hidden: 'blocked' saves the
+  pre-activations for the backward (for buffers with few empty rows; 'ragged_dot' always
+  does, as autodiff of layers.ffn)."""
   if impl == 'ragged_dot':
     return ffn(w, x, activation, matmul=lambda x, w: jax.lax.ragged_dot(x, w, group_sizes))
   w_in = tuple(w[n] for n in ffn_weight_names(activation) if n != 'wo')
-  return _blocked(*_same_axes(x, w_in, w['wo'], group_sizes), block_size, activation)
+  return _blocked(*_same_axes(x, w_in, w['wo'], group_sizes), block_size, activation,
+                  keep_hidden)
 
 
 def _same_axes(x, w_in, w_out, group_sizes):
@@ -167,29 +178,40 @@ def _add_at(a, e, value):
       a, jax.lax.dynamic_index_in_dim(a, e, 0, keepdims=False) + value, e, 0)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _blocked(x, w_in, w_out, group_sizes, block, activation):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _blocked(x, w_in, w_out, group_sizes, block, activation, keep_hidden):
   """x @ w_in[0] per group (activation None: w_out is None), or the FFN
-  activate(x @ w_in...) @ w_out per group. Residuals: the inputs only."""
-  return _blocked_fwd(x, w_in, w_out, group_sizes, block, activation)[0]
+  activate(x @ w_in...) @ w_out per group. Residuals: the inputs, and with keep_hidden
+  the pre-activations x @ w_in [N, F] of the FFN."""
+  return _forward(x, w_in, w_out, group_sizes, block, activation, False)[0]
 
 
-def _blocked_fwd(x, w_in, w_out, group_sizes, block, activation):
+def _forward(x, w_in, w_out, group_sizes, block, activation, keep_hidden):
+  """(out [N, F or D], pre-activations ([N, F], ...) if kept else ())."""
   ffn_ = w_out is not None
 
-  def body(out, e, weights, where, size, mine):
+  def body(carry, e, weights, where, size, mine):
+    out, hidden = carry
     wi, wo = weights
     p = tuple(_dot(_rows(x, where, size), w) for w in wi)
-    return _put(out, _dot(activate(activation, *p), wo) if ffn_ else p[0], where, mine)
+    hidden = tuple(_put(h, q, where, mine) for h, q in zip(hidden, p))
+    y = _dot(activate(activation, *p), wo) if ffn_ else p[0]
+    return _put(out, y, where, mine), hidden
 
   out = _zeros((x.shape[0], (w_out if ffn_ else w_in[0]).shape[-1]), x.dtype, x)
-  out = _for_each_window(x, group_sizes, block,
-                         lambda e: _expert(w_in, w_out, e, x.dtype), body, out)
-  return out, (x, w_in, w_out, group_sizes)
+  hidden = tuple(_zeros((x.shape[0], w.shape[-1]), x.dtype, x)
+                 for w in w_in) if keep_hidden and ffn_ else ()
+  return _for_each_window(x, group_sizes, block, lambda e: _expert(w_in, w_out, e, x.dtype),
+                          body, (out, hidden))
 
 
-def _blocked_bwd(block, activation, res, dy):
-  x, w_in, w_out, group_sizes = res
+def _blocked_fwd(x, w_in, w_out, group_sizes, block, activation, keep_hidden):
+  out, hidden = _forward(x, w_in, w_out, group_sizes, block, activation, keep_hidden)
+  return out, (x, w_in, w_out, group_sizes, hidden)
+
+
+def _blocked_bwd(block, activation, keep_hidden, res, dy):
+  x, w_in, w_out, group_sizes, hidden = res
   ffn_ = w_out is not None
   dy = dy.astype(x.dtype)
   xt = x.T           # [D, N]: XLA:CPU contracts [D, rows] @ [rows, F] faster than x^T dy
@@ -202,11 +224,9 @@ def _blocked_bwd(block, activation, res, dy):
     if mine is not None:
       g = jnp.where(mine, g, 0)
     if ffn_:
-      # Recomputed, not saved: an [N, F] residual would be filled for every row, and a
-      # transport's receive buffer is mostly empty rows (saving cost 1.4x at 8x empty
-      # rows, D=256; on one device at D=512 it was about 10% faster).
-      h, act_vjp = jax.vjp(lambda *p: activate(activation, *p),
-                           *(_dot(_rows(x, where, size), w) for w in wi))
+      p = (tuple(_rows(h, where, size) for h in hidden) if hidden else
+           tuple(_dot(_rows(x, where, size), w) for w in wi))
+      h, act_vjp = jax.vjp(lambda *p: activate(activation, *p), *p)
       d_out = _add_at(d_out, e, jax.lax.dot_general(
           h, g, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32))
       dp = act_vjp(_dot(g, wo, 1))

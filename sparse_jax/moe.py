@@ -121,11 +121,13 @@ class Experts(nnx.Module):
                         for i in range(x.shape[0])])
     return jax.vmap(f)(w, x)
 
-  def grouped_apply(self, w: dict[str, jax.Array], x: jax.Array,
-                    group_sizes: jax.Array) -> jax.Array:
-    """x [N, D] sorted by expert, group_sizes i32[E] -> [N, D] (rows past the groups: 0)."""
+  def grouped_apply(self, w: dict[str, jax.Array], x: jax.Array, group_sizes: jax.Array,
+                    *, keep_hidden: bool = False) -> jax.Array:
+    """x [N, D] sorted by expert, group_sizes i32[E] -> [N, D] (rows past the groups: 0).
+    keep_hidden: see grouped_matmul.grouped_ffn."""
     return gmm_lib.grouped_ffn(w, x, group_sizes, activation=self.activation,
-                               impl=self.grouped_matmul, block_size=self.block_size)
+                               impl=self.grouped_matmul, block_size=self.block_size,
+                               keep_hidden=keep_hidden)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,7 +187,10 @@ def _routed(x, logits, weights, bias, *, st: _Settings, apply: Callable,
     flat = routing_lib.RoutingPlan(*(f.reshape(g * s, -1) for f in plan))
     run = functools.partial(grouped_apply, weights)
     if st.ep == 1:
-      y = dispatch_lib.dropless(xg.reshape(g * s, d), flat, e, run)
+      # The sorted buffer holds only routed rows: keeping the pre-activations is cheaper
+      # than recomputing them (grouped_matmul.py); transports' buffers are mostly empty.
+      y = dispatch_lib.dropless(xg.reshape(g * s, d), flat, e,
+                                functools.partial(run, keep_hidden=True))
     else:
       y = expert_parallel.dropless(st.ep_transport, xg.reshape(g * s, d), flat, e, st.ep,
                                    run, capacity_factor=st.capacity_factor,

@@ -68,19 +68,24 @@ def test_grouped_matmul_matches_numpy_with_gradients(impl, sizes, block):
   assert (np.asarray(gx)[used:] == 0).all()
 
 
-# The default tier: 'blocked' with each activation on the mostly-empty buffer; the rest slow.
-FFN_CASES = [pytest.param(impl, act, sizes, marks=() if (impl, sizes) == ('blocked', (0, 3, 0, 2))
+# The default tier: 'blocked' with each activation on the mostly-empty buffer, keeping
+# or recomputing the pre-activations; the rest slow ('ragged_dot' keeps them anyway).
+FFN_CASES = [pytest.param(impl, act, sizes, keep,
+                          marks=() if (impl, sizes) == ('blocked', (0, 3, 0, 2))
                           else pytest.mark.slow)
              for impl in GROUPED_MATMULS for act in sj.layers.ACTIVATIONS
-             for sizes in [SIZES[0], SIZES[2], (0, 3, 0, 2)]]
+             for sizes in [SIZES[0], SIZES[2], (0, 3, 0, 2)]
+             for keep in ((False, True) if impl == 'blocked' else (False,))]
 
 
-@pytest.mark.parametrize('impl, activation, sizes', FFN_CASES)
-def test_grouped_ffn_is_the_ffn_rule_per_group_with_gradients(impl, activation, sizes):
+@pytest.mark.parametrize('impl, activation, sizes, keep_hidden', FFN_CASES)
+def test_grouped_ffn_is_the_ffn_rule_per_group_with_gradients(impl, activation, sizes,
+                                                              keep_hidden):
   """grouped_ffn equals layers.ffn run on each group's rows with that expert's weights
   (rows past the groups: 0), outputs and the gradients of x and every weight ('blocked'
-  recomputes the pre-activations in its backward). Rows past the groups, most of a
-  transport's receive buffer (the last case: 20 of 25), get no gradient."""
+  recomputes the pre-activations in its backward, or reads them saved: keep_hidden).
+  Rows past the groups, most of a transport's receive buffer (the last case: 20 of 25),
+  get no gradient."""
   n, d, f, block = 25, 6, 5, 4
   r = np.random.default_rng(sum(sizes))
   names = sj.layers.ffn_weight_names(activation)
@@ -98,7 +103,7 @@ def test_grouped_ffn_is_the_ffn_rule_per_group_with_gradients(impl, activation, 
     return jnp.concatenate(out + [jnp.zeros((n - row, d))])
 
   run = lambda w, x: grouped_ffn(w, x, gs, activation=activation, impl=impl,
-                                 block_size=block)
+                                 block_size=block, keep_hidden=keep_hidden)
   loss = lambda fn: jax.jit(jax.value_and_grad(lambda w, x: jnp.sum(fn(w, x) * ct),
                                                argnums=(0, 1)))
   np.testing.assert_allclose(jax.jit(run)(w, x), reference(w, x), rtol=1e-5, atol=1e-5)
@@ -119,8 +124,9 @@ def _matmuls_outside_loops(hlo: str) -> list[str]:
   return [line.strip()[:120] for line in entry.splitlines() if has_dot(line)]
 
 
+@pytest.mark.parametrize('keep_hidden', [False, True])
 @pytest.mark.parametrize('n', [3, 4, 20, 32, 100])
-def test_blocked_ffn_keeps_every_matmul_inside_its_loops(n):
+def test_blocked_ffn_keeps_every_matmul_inside_its_loops(n, keep_hidden):
   """Rows past the groups cost no FFN work: every matmul of the blocked FFN, forward
   and backward, runs inside the loops over the groups' windows. A window as large as
   the buffer, or one that does not move with its loop index, is loop-invariant, and
@@ -131,7 +137,8 @@ def test_blocked_ffn_keeps_every_matmul_inside_its_loops(n):
   block, and up to, at and past the largest window (8 blocks)."""
   d, f = 6, 5
   w = {'wi': jnp.ones((1, d, f)), 'wo': jnp.ones((1, f, d))}
-  loss = lambda w, x, gs: jnp.sum(grouped_ffn(w, x, gs, activation='gelu', block_size=4))
+  loss = lambda w, x, gs: jnp.sum(grouped_ffn(w, x, gs, activation='gelu', block_size=4,
+                                              keep_hidden=keep_hidden))
   grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
   hlo = grad.lower(w, jnp.ones((n, d)), jnp.asarray([1], jnp.int32)).compile().as_text()
   assert _matmuls_outside_loops(hlo) == []
