@@ -31,7 +31,7 @@ import numpy as np
 from tqdm import tqdm
 
 import sparse_jax
-from sparse_jax import data
+from sparse_jax import cli, data
 from sparse_jax.config import Spec, base_config, resolve
 from sparse_jax.training import checkpoint, loop
 
@@ -63,9 +63,11 @@ def cpu_env(*, memory_aware_cpu_scheduler: bool = False) -> dict:
 
 
 def setup_devices(n: int = 8, *, memory_aware_cpu_scheduler: bool = False) -> None:
-  """n simulated CPU devices (and, if asked, XLA:CPU's memory-aware scheduler). Must run
-  before the first JAX computation; a process that already runs on n devices (e.g. under
-  the tests' conftest) is left as it is."""
+  """n simulated CPU devices (and, if asked, XLA:CPU's memory-aware scheduler), freed
+  memory kept (cli.keep_freed_memory). Must run before the first JAX computation; a
+  process that already runs on n devices (e.g. under the tests' conftest) is left as it
+  is."""
+  cli.keep_freed_memory()
   if memory_aware_cpu_scheduler:     # read when the CPU backend starts
     os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {MEMORY_AWARE_CPU_SCHEDULER}"
   try:

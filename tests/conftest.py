@@ -5,6 +5,9 @@ import pathlib
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8').strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# The test processes (and their subprocesses) keep glibc's malloc defaults: each runs many
+# programs of many sizes, where a heap that never shrinks could grow with fragmentation.
+os.environ.setdefault('SPARSE_JAX_KEEP_FREED_MEMORY', '0')
 if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   # Tests compile many equal programs under fresh jit objects, in two xdist workers and in
   # subprocesses (which inherit this): one on-disk cache per session compiles each once.
