@@ -24,13 +24,9 @@ import timing
 CONFIGS = common.ROOT / 'configs'
 
 
-def main(argv=None):
-  common.setup_devices(8)
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument('--quick', action='store_true')
-  ap.add_argument('--steps', type=int, default=None, help='timed steps per model')
-  ap.add_argument('--json', metavar='PATH')
-  a = ap.parse_args(argv)
+def lm_specs(quick: bool) -> dict:
+  """{row name: resolved Spec}: configs/dense.py, and configs/switch.py with capacity and
+  dropless dispatch on the meshes of each row (configs/tiny.py sizes if quick)."""
   dropless = lambda transport: dict(dispatch='dropless', ep_transport=transport)
   variants = {'dense': ('dense.py', 8, 1, {}), 'switch (expert axis 1)': ('switch.py', 8, 1, {}),
               'switch (expert axis 8)': ('switch.py', 1, 8, {}),
@@ -41,13 +37,24 @@ def main(argv=None):
   for name, (file, data, expert, moe) in variants.items():
     c = load_config(CONFIGS / file)
     c.moe.update(moe)
-    if a.quick:
+    if quick:
       tiny = load_config(CONFIGS / 'tiny.py')
       c.model, c.train = tiny.model, tiny.train
       c.moe.num_experts = 8 if c.moe.num_experts else 0
       c.train.batch_size = 16
     c.mesh.data, c.mesh.expert = data, expert
     specs[name] = resolve(c, jax.device_count())
+  return specs
+
+
+def main(argv=None):
+  common.setup_devices(8)
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument('--quick', action='store_true')
+  ap.add_argument('--steps', type=int, default=None, help='timed steps per model')
+  ap.add_argument('--json', metavar='PATH')
+  a = ap.parse_args(argv)
+  specs = lm_specs(a.quick)
   n = a.steps or (20 if a.quick else 8)
   # Seeds: the configs' (weights) and step_times' random tokens' (0).
   meta = common.provenance(sorted({0, *(s.seed for s in specs.values())}), source=None)

@@ -253,3 +253,17 @@ def test_hub_reference_is_within_tolerance(tmp_path):
   rows = json.loads((tmp_path / 'hub_reference.json').read_text())['rows']
   assert len(rows) == 10 and all(r['one_device'] <= 1e-4 and r['mesh_2x4'] <= 1e-4
                                  for r in rows)
+
+
+@pytest.mark.slow
+def test_bench_host_memory_compares_both_settings(tmp_path, capsys):
+  """Children with freed memory kept and with glibc's defaults time every model; kept
+  memory takes fewer page faults per step."""
+  module = importlib.import_module('bench_host_memory')
+  rows, faults = module.main(['--quick', '--steps', '2', '--json', str(tmp_path / 'h.json')])
+  result = json.loads((tmp_path / 'h.json').read_text())
+  _check_meta(result['meta'], corpus=False)
+  assert [r['model'] for r in rows] == list(module.MODELS)
+  assert all(r['step_time_kept_over_defaults'] > 0 for r in rows)
+  assert faults['kept'] < faults['defaults']
+  assert capsys.readouterr().out.startswith('# Host memory')
