@@ -52,7 +52,7 @@ def main(argv=None):
     print(json.dumps(child(a.quick, a.steps)))
     return
   rounds = a.rounds or (1 if a.quick else 2)
-  meta = common.provenance([0], source=None)
+  meta = {**common.provenance([0], source=None), 'devices': '8 x cpu (each child)'}
   got = {s: [] for s in SETTINGS}
   for _ in range(rounds):
     for setting, flag in SETTINGS.items():
