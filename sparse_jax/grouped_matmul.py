@@ -26,7 +26,7 @@ Two implementations of each:
                 saves one matmul of seven where the buffer's rows are mostly filled (one
                 device's sorted choices), but fills and carries an [N, F] residual,
                 which costs more than the matmul where most rows are empty (a
-                transport's receive buffer; docs/expert-parallelism.md has both).
+                transport's receive buffer: measured slower there).
   'ragged_dot'  jax.lax.ragged_dot, the accelerators' grouped-matmul primitive (the FFN:
                 layers.ffn with it as the matmul). XLA:CPU has no fast kernel for it
                 (about 8x a dense matmul of the same FLOPs).
