@@ -34,7 +34,7 @@ def keep_freed_memory() -> bool:
   step (docs/benchmarks.md#host-memory-and-page-faults measures the cost on XLA:CPU).
   Costs: the resident size never shrinks below its peak.
 
-  Runs before JAX starts its threads (a thread keeps the arena it first allocated from).
+  Call it before JAX starts its threads (a thread keeps the arena it first allocated from).
   Returns whether it applied: not without glibc, nor with SPARSE_JAX_KEEP_FREED_MEMORY=0.
   """
   if os.environ.get('SPARSE_JAX_KEEP_FREED_MEMORY', '1') == '0':

@@ -224,9 +224,9 @@ def _blocked_bwd(block, activation, keep_hidden, res, dy):
     if mine is not None:
       g = jnp.where(mine, g, 0)
     if ffn_:
-      p = (tuple(_rows(h, where, size) for h in hidden) if hidden else
-           tuple(_dot(_rows(x, where, size), w) for w in wi))
-      h, act_vjp = jax.vjp(lambda *p: activate(activation, *p), *p)
+      pre = (tuple(_rows(h, where, size) for h in hidden) if hidden else
+             tuple(_dot(_rows(x, where, size), w) for w in wi))
+      h, act_vjp = jax.vjp(lambda *p: activate(activation, *p), *pre)
       d_out = _add_at(d_out, e, jax.lax.dot_general(
           h, g, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32))
       dp = act_vjp(_dot(g, wo, 1))
